@@ -1,0 +1,262 @@
+"""The archive: one place, `Archive.put`, where an instance enters, whoever brought it.
+
+A put writes the file under a temporary name in the archive's staging folder, flushes it
+(fsync under the default durability), renames it into place, syncs the folder, and only then
+updates the index. A crash therefore never leaves a half-written file under a real name, and
+the index never points at one.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import logging
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from io import BytesIO
+from pathlib import Path
+from typing import Any, BinaryIO
+
+from pydicom.dataset import FileMetaDataset
+from pydicom.filewriter import write_file_meta_info
+
+from pacscli import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
+from pacscli.archive import layout
+from pacscli.archive.index import Index, StoredFile
+from pacscli.config import StorageSettings
+from pacscli.dicom.identity import InstanceInfo, read_instance_info
+from pacscli.errors import ArchiveError, OutOfResourcesError
+
+log = logging.getLogger(__name__)
+
+_CHUNK = 1024 * 1024
+# Errors that mean "no room or the device failed": reported as out of resources (0xA700).
+_RESOURCE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EIO, errno.EROFS}
+
+
+@dataclass(frozen=True)
+class PutResult:
+    """What happened to one instance: stored, duplicate, kept or replaced."""
+
+    info: InstanceInfo
+    path: Path
+    outcome: str  # "stored" | "duplicate" | "kept" | "replaced"
+    size: int
+    sha256: str
+
+    @property
+    def status(self) -> str:
+        """The record status: a kept conflicting instance is a warning."""
+        return "warning" if self.outcome == "kept" else "ok"
+
+    def record(self) -> dict[str, Any]:
+        """The JSON-lines record for this instance."""
+        attrs = self.info.attributes
+        record: dict[str, Any] = {
+            "PatientID": attrs.get("PatientID"),
+            "StudyInstanceUID": self.info.study_uid,
+            "SeriesInstanceUID": self.info.series_uid,
+            "SOPInstanceUID": self.info.sop_uid,
+            "SOPClassUID": self.info.sop_class_uid,
+            "TransferSyntaxUID": self.info.transfer_syntax,
+            "path": str(self.path),
+            "size": self.size,
+            "sha256": self.sha256,
+            "outcome": self.outcome,
+            "status": self.status,
+        }
+        if self.outcome == "kept":
+            record["warning"] = (
+                "an instance with this SOP Instance UID but different content is already "
+                "archived; kept the archived one (storage.on_conflict = 'keep')"
+            )
+        return record
+
+
+def _resource_error(exc: OSError, what: str) -> ArchiveError:
+    if exc.errno in _RESOURCE_ERRNOS:
+        return OutOfResourcesError(f"{what}: {exc.strerror or exc}")
+    return ArchiveError(f"{what}: {exc.strerror or exc}")
+
+
+class Archive:
+    """An archive folder: its files, staging area and index."""
+
+    def __init__(self, root: Path, storage: StorageSettings | None = None) -> None:
+        self.root = root.expanduser().absolute()
+        self.storage = storage or StorageSettings()
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            self.staging = self.root / layout.STAGING_DIR / str(os.getpid())
+            self.staging.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise _resource_error(exc, f"cannot create the archive at {self.root}") from exc
+        self.index = Index(self.root / layout.INDEX_FILE)
+        self._clean_dead_staging()
+
+    def close(self) -> None:
+        """Close the index and remove this process's staging folder."""
+        self.index.close()
+        shutil.rmtree(self.staging, ignore_errors=True)
+
+    def _clean_dead_staging(self) -> None:
+        """Remove staging folders of processes that no longer run (left by a crash)."""
+        for entry in (self.root / layout.STAGING_DIR).iterdir():
+            if not entry.name.isdigit() or int(entry.name) == os.getpid():
+                continue
+            try:
+                os.kill(int(entry.name), 0)
+            except ProcessLookupError:
+                log.info("removing staging folder %s left by a stopped process", entry)
+                shutil.rmtree(entry, ignore_errors=True)
+            except PermissionError:
+                pass  # alive, someone else's
+
+    def staging_file(self, suffix: str = ".tmp") -> tuple[BinaryIO, Path]:
+        """A new temporary file in this process's staging folder, open for writing."""
+        fd, name = tempfile.mkstemp(suffix=suffix, dir=self.staging)
+        return os.fdopen(fd, "wb"), Path(name)
+
+    def abspath(self, relpath: str) -> Path:
+        """The absolute path of an indexed file (paths of in-place files are absolute)."""
+        return self.root / relpath
+
+    def put(self, source: Path, *, source_aet: str | None = None, rewrite_meta: bool = False,
+            info: InstanceInfo | None = None) -> PutResult:
+        """Put the instance in `source` (a Part 10 file) into the archive and the index.
+
+        With `rewrite_meta` (instances received over the network), the archived file gets our
+        own file meta, naming the dataset's own UIDs and the sending AE; the dataset bytes
+        are kept exactly as received. Otherwise the file is copied byte for byte.
+        `source` itself is never changed or removed.
+        Raises InvalidDicomError, UnsafeUIDError, OutOfResourcesError or ArchiveError; when it
+        raises, nothing was written under a real name and the index is unchanged.
+        """
+        info = info or read_instance_info(source)
+        relpath = layout.instance_relpath(info.study_uid, info.series_uid, info.sop_uid)
+        final = self.root / relpath
+        staged, size, sha256, content_sha256 = self._stage(source, info, source_aet, rewrite_meta)
+        try:
+            existing = self.index.lookup(info.sop_uid)
+            if existing is not None and existing.content_sha256 == content_sha256 and \
+                    self.abspath(existing.path).exists():
+                return PutResult(info, self.abspath(existing.path), "duplicate",
+                                 existing.size, existing.sha256)
+            outcome = "stored"
+            if existing is not None and self.abspath(existing.path).exists():
+                if self.storage.on_conflict == "keep":
+                    return PutResult(info, self.abspath(existing.path), "kept",
+                                     existing.size, existing.sha256)
+                self._set_aside(self.abspath(existing.path), info.sop_uid)
+                outcome = "replaced"
+            self._place(staged, final)
+            stored = StoredFile(
+                path=relpath, size=size, sha256=sha256, content_sha256=content_sha256,
+                received_at=final.stat().st_mtime,
+                source_aet=source_aet if rewrite_meta else info.source_aet,
+            )
+            try:
+                if existing is not None and existing.path != relpath:
+                    self.index.delete(info.sop_uid)
+                self.index.upsert(info, stored)
+            except Exception as exc:
+                if outcome == "stored":
+                    final.unlink(missing_ok=True)  # keep files and index in agreement
+                raise ArchiveError(f"cannot index {info.sop_uid}: {exc}") from exc
+            return PutResult(info, final, outcome, size, sha256)
+        finally:
+            staged.unlink(missing_ok=True)
+
+    def _stage(self, source: Path, info: InstanceInfo, source_aet: str | None,
+               rewrite_meta: bool) -> tuple[Path, int, str, str]:
+        """Write the archive file's bytes to staging; return its path, size and hashes.
+
+        The fsync waits until `_place`, so a duplicate costs no sync."""
+        out, staged = self.staging_file(layout.INSTANCE_SUFFIX)
+        file_hash, content_hash = hashlib.sha256(), hashlib.sha256()
+        size = 0
+        try:
+            with out, open(source, "rb") as src:
+                if rewrite_meta:
+                    header = self._file_meta_bytes(info, source_aet)
+                    src.seek(info.dataset_offset)
+                else:
+                    header = src.read(info.dataset_offset)
+                out.write(header)
+                file_hash.update(header)
+                size += len(header)
+                while chunk := src.read(_CHUNK):
+                    out.write(chunk)
+                    file_hash.update(chunk)
+                    content_hash.update(chunk)
+                    size += len(chunk)
+                out.flush()
+        except OSError as exc:
+            staged.unlink(missing_ok=True)
+            raise _resource_error(exc, f"cannot write {info.sop_uid} to the archive") from exc
+        return staged, size, file_hash.hexdigest(), content_hash.hexdigest()
+
+    @staticmethod
+    def _file_meta_bytes(info: InstanceInfo, source_aet: str | None) -> bytes:
+        """Preamble, DICM and our file meta, naming the dataset's own UIDs."""
+        meta = FileMetaDataset()
+        meta.MediaStorageSOPClassUID = info.sop_class_uid
+        meta.MediaStorageSOPInstanceUID = info.sop_uid
+        meta.TransferSyntaxUID = info.transfer_syntax
+        meta.ImplementationClassUID = IMPLEMENTATION_CLASS_UID
+        meta.ImplementationVersionName = IMPLEMENTATION_VERSION_NAME
+        if source_aet:
+            meta.SourceApplicationEntityTitle = source_aet
+        buffer = BytesIO()
+        buffer.write(b"\x00" * 128 + b"DICM")
+        write_file_meta_info(buffer, meta, enforce_standard=True)
+        return buffer.getvalue()
+
+    def _place(self, staged: Path, final: Path) -> None:
+        """Sync a staged file, rename it into place and make the rename durable."""
+        try:
+            if self.storage.durability == "fsync":
+                fd = os.open(staged, os.O_RDONLY)
+                try:
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+            created = self._makedirs(final.parent)
+            os.replace(staged, final)
+            if self.storage.durability == "fsync":
+                for folder in [final.parent, *created]:
+                    _fsync_dir(folder)
+        except OSError as exc:
+            raise _resource_error(exc, f"cannot place {final.name} in the archive") from exc
+
+    def _makedirs(self, folder: Path) -> list[Path]:
+        """Create `folder` and its missing parents; return the parents whose entries changed."""
+        missing: list[Path] = []
+        current = folder
+        while not current.exists():
+            missing.append(current)
+            current = current.parent
+        for path in reversed(missing):
+            path.mkdir(exist_ok=True)
+        return [p.parent for p in missing]
+
+    def _set_aside(self, path: Path, sop_uid: str) -> None:
+        """Keep an instance about to be replaced in .replaced/ (nothing is ever deleted)."""
+        aside = self.root / layout.REPLACED_DIR
+        aside.mkdir(exist_ok=True)
+        target = aside / f"{sop_uid}.{time.time_ns()}{layout.INSTANCE_SUFFIX}"
+        try:
+            os.link(path, target)
+        except OSError as exc:
+            raise _resource_error(exc, f"cannot set aside {path.name} before replacing it") from exc
+
+
+def _fsync_dir(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

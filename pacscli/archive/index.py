@@ -1,0 +1,240 @@
+"""The archive's SQLite index: patients, studies, series and instances, in WAL mode.
+
+The index is derived data: every column can be rebuilt from the files alone
+(`pacs index --rebuild`). Each thread gets its own connection; writers serialise on
+SQLite's own lock (BEGIN IMMEDIATE with a busy timeout).
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from pacscli.dicom.identity import INDEXED_ATTRIBUTES, InstanceInfo
+from pacscli.errors import ArchiveError
+
+SCHEMA_VERSION = 1
+
+_LEVEL_TABLES = {"patient": "patients", "study": "studies", "series": "series", "instance": "instances"}
+
+
+def _columns(level: str) -> str:
+    return "".join(f",\n    {kw} TEXT" for kw in INDEXED_ATTRIBUTES[level] if kw not in _KEY_COLUMNS)
+
+
+# Columns that identify a row: NOT NULL so that UNIQUE constraints see '' as one value.
+_KEY_COLUMNS = {"PatientID", "IssuerOfPatientID", "StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID"}
+
+# Migrations from version N-1 to N, in order. Version 1 creates the schema.
+MIGRATIONS: dict[int, str] = {
+    1: f"""
+CREATE TABLE patients (
+    pk INTEGER PRIMARY KEY,
+    PatientID TEXT NOT NULL,
+    IssuerOfPatientID TEXT NOT NULL{_columns("patient")},
+    UNIQUE (PatientID, IssuerOfPatientID)
+);
+CREATE TABLE studies (
+    pk INTEGER PRIMARY KEY,
+    patient_pk INTEGER NOT NULL REFERENCES patients(pk),
+    StudyInstanceUID TEXT NOT NULL UNIQUE{_columns("study")}
+);
+CREATE TABLE series (
+    pk INTEGER PRIMARY KEY,
+    study_pk INTEGER NOT NULL REFERENCES studies(pk),
+    SeriesInstanceUID TEXT NOT NULL UNIQUE{_columns("series")}
+);
+CREATE TABLE instances (
+    pk INTEGER PRIMARY KEY,
+    series_pk INTEGER NOT NULL REFERENCES series(pk),
+    SOPInstanceUID TEXT NOT NULL UNIQUE{_columns("instance")},
+    SpecificCharacterSet TEXT,
+    path TEXT NOT NULL UNIQUE,
+    size INTEGER NOT NULL,
+    sha256 TEXT NOT NULL,
+    content_sha256 TEXT NOT NULL,
+    transfer_syntax TEXT NOT NULL,
+    received_at REAL NOT NULL,
+    source_aet TEXT
+);
+CREATE INDEX patients_name ON patients(PatientName);
+CREATE INDEX studies_patient ON studies(patient_pk);
+CREATE INDEX studies_date ON studies(StudyDate);
+CREATE INDEX studies_accession ON studies(AccessionNumber);
+CREATE INDEX series_study ON series(study_pk);
+CREATE INDEX instances_series ON instances(series_pk);
+""",
+}
+
+
+@dataclass(frozen=True)
+class StoredFile:
+    """The file facts the index keeps beside an instance's attributes."""
+
+    path: str  # relative to the archive root, or absolute for files indexed in place
+    size: int
+    sha256: str
+    content_sha256: str
+    received_at: float
+    source_aet: str | None
+
+
+@dataclass(frozen=True)
+class InstanceRow:
+    """An indexed instance, as far as the insert path needs to know it."""
+
+    sop_uid: str
+    path: str
+    size: int
+    sha256: str
+    content_sha256: str
+
+
+class Index:
+    """The SQLite index of one archive."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._local = threading.local()
+        self._connections: list[sqlite3.Connection] = []
+        self._lock = threading.Lock()
+        self.migrate()
+
+    def connection(self) -> sqlite3.Connection:
+        """This thread's connection, opened on first use."""
+        conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
+        if conn is None:
+            try:
+                conn = sqlite3.connect(self.path, timeout=60, isolation_level=None,
+                                       check_same_thread=False)
+                conn.row_factory = sqlite3.Row
+                conn.execute("PRAGMA journal_mode=WAL")
+                # NORMAL in WAL mode: a commit survives a process crash; a power cut may lose
+                # the last commits, which `pacs verify --repair` re-indexes from the files.
+                conn.execute("PRAGMA synchronous=NORMAL")
+                conn.execute("PRAGMA foreign_keys=ON")
+            except sqlite3.Error as exc:
+                raise ArchiveError(f"cannot open the index {self.path}: {exc}") from exc
+            self._local.conn = conn
+            with self._lock:
+                self._connections.append(conn)
+        return conn
+
+    def close(self) -> None:
+        """Close every thread's connection."""
+        with self._lock:
+            for conn in self._connections:
+                conn.close()
+            self._connections.clear()
+        self._local = threading.local()
+
+    @contextmanager
+    def transaction(self) -> Iterator[sqlite3.Connection]:
+        """A write transaction: BEGIN IMMEDIATE ... COMMIT, rolled back on error."""
+        conn = self.connection()
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            yield conn
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        conn.execute("COMMIT")
+
+    def schema_version(self) -> int:
+        """The schema version this index file has."""
+        return int(self.connection().execute("PRAGMA user_version").fetchone()[0])
+
+    def migrate(self) -> None:
+        """Bring the schema up to SCHEMA_VERSION, one migration per transaction."""
+        try:
+            with self.transaction() as conn:
+                version = int(conn.execute("PRAGMA user_version").fetchone()[0])
+                if version > SCHEMA_VERSION:
+                    raise ArchiveError(
+                        f"the index {self.path} has schema version {version}, newer than this "
+                        f"pacscli knows ({SCHEMA_VERSION}): upgrade pacscli"
+                    )
+                for target in range(version + 1, SCHEMA_VERSION + 1):
+                    for statement in MIGRATIONS[target].split(";\n"):
+                        if statement.strip():
+                            conn.execute(statement)
+                    conn.execute(f"PRAGMA user_version = {target}")
+        except sqlite3.Error as exc:
+            raise ArchiveError(f"cannot prepare the index {self.path}: {exc}") from exc
+
+    def lookup(self, sop_uid: str) -> InstanceRow | None:
+        """The indexed instance with this SOP Instance UID, if any."""
+        row = self.connection().execute(
+            "SELECT SOPInstanceUID, path, size, sha256, content_sha256 FROM instances "
+            "WHERE SOPInstanceUID = ?",
+            (sop_uid,),
+        ).fetchone()
+        return InstanceRow(*row) if row else None
+
+    def upsert(self, info: InstanceInfo, stored: StoredFile) -> None:
+        """Insert or update an instance and its series, study and patient rows."""
+        attrs = info.attributes
+        with self.transaction() as conn:
+            patient_pk = self._upsert_row(
+                conn, "patient", ("PatientID", "IssuerOfPatientID"),
+                {kw: attrs.get(kw) or "" if kw in _KEY_COLUMNS else attrs.get(kw)
+                 for kw in INDEXED_ATTRIBUTES["patient"]}, {},
+            )
+            study_pk = self._upsert_row(
+                conn, "study", ("StudyInstanceUID",),
+                {kw: attrs.get(kw) for kw in INDEXED_ATTRIBUTES["study"]},
+                {"patient_pk": patient_pk},
+            )
+            series_pk = self._upsert_row(
+                conn, "series", ("SeriesInstanceUID",),
+                {kw: attrs.get(kw) for kw in INDEXED_ATTRIBUTES["series"]},
+                {"study_pk": study_pk},
+            )
+            self._upsert_row(
+                conn, "instance", ("SOPInstanceUID",),
+                {kw: attrs.get(kw) for kw in INDEXED_ATTRIBUTES["instance"]},
+                {
+                    "series_pk": series_pk,
+                    "SpecificCharacterSet": info.specific_character_set,
+                    "path": stored.path,
+                    "size": stored.size,
+                    "sha256": stored.sha256,
+                    "content_sha256": stored.content_sha256,
+                    "transfer_syntax": info.transfer_syntax,
+                    "received_at": stored.received_at,
+                    "source_aet": stored.source_aet,
+                },
+            )
+
+    @staticmethod
+    def _upsert_row(
+        conn: sqlite3.Connection,
+        level: str,
+        keys: tuple[str, ...],
+        attributes: dict[str, str | None],
+        extra: dict[str, object],
+    ) -> int:
+        """Insert a row or update the existing one (the newest instance's values win)."""
+        table = _LEVEL_TABLES[level]
+        values = {**attributes, **extra}
+        names = list(values)
+        updates = ", ".join(f"{n} = excluded.{n}" for n in names if n not in keys)
+        row = conn.execute(
+            f"INSERT INTO {table} ({', '.join(names)}) VALUES ({', '.join('?' * len(names))}) "
+            f"ON CONFLICT ({', '.join(keys)}) DO UPDATE SET {updates} RETURNING pk",
+            [values[n] for n in names],
+        ).fetchone()
+        return int(row[0])
+
+    def delete(self, sop_uid: str) -> None:
+        """Drop an instance's row (the file is not touched)."""
+        with self.transaction() as conn:
+            conn.execute("DELETE FROM instances WHERE SOPInstanceUID = ?", (sop_uid,))
+
+    def count_instances(self) -> int:
+        """How many instances the index holds."""
+        return int(self.connection().execute("SELECT count(*) FROM instances").fetchone()[0])

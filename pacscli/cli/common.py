@@ -1,0 +1,186 @@
+"""What every command shares: the common options, settings, error handling, inputs and output.
+
+Only pacscli/cli imports typer, rich and tqdm; the core returns records and raises PacsError.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import sys
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
+from typing import Annotated, Any, NoReturn, TextIO, TypeVar
+
+import typer
+
+from pacscli.config import Settings, load_settings
+from pacscli.errors import ExitCode, PacsError, UsageError
+from pacscli.records import Record, read_records, to_json_line
+
+ArchiveOpt = Annotated[
+    Path | None,
+    typer.Option("--archive", help="Archive folder [env PACS_ARCHIVE; default: per-user data folder]",
+                 show_default=False),
+]
+AetOpt = Annotated[
+    str | None,
+    typer.Option("--aet", help="Our AE title [env PACS_AET; default PACSCLI]", show_default=False),
+]
+ConfigOpt = Annotated[
+    Path | None,
+    typer.Option("--config", help="Config file [env PACS_CONFIG; default: per-user config.toml]",
+                 show_default=False),
+]
+FormatOpt = Annotated[
+    str | None,
+    typer.Option("--format", help="table|jsonl|json|csv [default: table on a terminal, else jsonl]",
+                 show_default=False),
+]
+VerboseOpt = Annotated[int, typer.Option("--verbose", "-v", count=True, help="More logging on stderr")]
+
+T = TypeVar("T")
+
+
+def setup_logging(verbose: int) -> None:
+    """Logs go to stderr: warnings by default, -v for ours at INFO, -vv for pynetdicom too."""
+    level = logging.WARNING if verbose == 0 else logging.INFO if verbose == 1 else logging.DEBUG
+    logging.basicConfig(level=level, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("pacscli").setLevel(level)
+    # pynetdicom is chatty at INFO; its errors are ours to report in plain words.
+    logging.getLogger("pynetdicom").setLevel(logging.DEBUG if verbose >= 2 else logging.CRITICAL)
+
+
+def get_settings(config: Path | None, archive: Path | None, aet: str | None) -> Settings:
+    """Settings from flags, PACS_* environment and the config file."""
+    return load_settings(config_file=config, archive=archive, ae_title=aet)
+
+
+def fail(message: str, code: int = ExitCode.USAGE) -> NoReturn:
+    """Print `pacs: error: message` on stderr and exit."""
+    typer.echo(f"pacs: error: {message}", err=True)
+    raise typer.Exit(code)
+
+
+def run(body: Callable[[], T]) -> T:
+    """Run a command's body, turning PacsError and Ctrl-C into a message and an exit code."""
+    try:
+        return body()
+    except PacsError as exc:
+        fail(exc.message, int(exc.exit_code))
+    except KeyboardInterrupt:
+        typer.echo("pacs: interrupted", err=True)
+        raise typer.Exit(ExitCode.INTERRUPTED) from None
+    except BrokenPipeError:
+        # The reader of our output went away (e.g. `| head`): not an error of ours.
+        sys.stderr.close()
+        raise typer.Exit(ExitCode.OK) from None
+
+
+def input_records(args: list[str] | None, stdin: TextIO | None = None) -> Iterator[Record]:
+    """Records from arguments (paths) or stdin (JSON lines or paths).
+
+    stdin is read when `-` is given, or when there are no arguments and stdin is not a
+    terminal, so a cron job with paths in its arguments never waits on stdin.
+    """
+    stdin = stdin or sys.stdin
+    args = list(args or [])
+    if not args:
+        if stdin.isatty():
+            return
+        yield from read_records(stdin)
+        return
+    for arg in args:
+        if arg == "-":
+            yield from read_records(stdin)
+        else:
+            yield {"path": arg}
+
+
+class Output:
+    """Renders records: a rich table on a terminal, JSON lines otherwise (DESIGN.md section 2).
+
+    Counts failures so the command can pick its exit code.
+    """
+
+    FORMATS = ("table", "jsonl", "json", "csv")
+
+    def __init__(self, fmt: str | None, columns: list[str], stream: TextIO | None = None,
+                 live: bool = False) -> None:
+        self.stream = stream or sys.stdout
+        if fmt is None:
+            fmt = "table" if self.stream.isatty() else "jsonl"
+        if fmt not in self.FORMATS:
+            raise UsageError(f"unknown --format {fmt!r}: choose one of {', '.join(self.FORMATS)}")
+        self.format = fmt
+        self.columns = columns
+        self.live = live  # a table printed row by row (for long-running commands like serve)
+        self.rows: list[Record] = []
+        self.counts: dict[str, int] = {}
+        self._csv: Any = None
+
+    def emit(self, record: Record) -> None:
+        """Render one record now (jsonl, csv, live table) or keep it for the end."""
+        status = str(record.get("status", "ok"))
+        self.counts[status] = self.counts.get(status, 0) + 1
+        if self.format == "jsonl":
+            self.stream.write(to_json_line(record) + "\n")
+            self.stream.flush()
+        elif self.format == "csv":
+            if self._csv is None:
+                self._csv = csv.DictWriter(self.stream, fieldnames=self.columns,
+                                           extrasaction="ignore")
+                self._csv.writeheader()
+            self._csv.writerow({k: _cell(record.get(k)) for k in self.columns})
+            self.stream.flush()
+        elif self.format == "table" and self.live:
+            from rich.console import Console
+
+            Console(file=self.stream, soft_wrap=True).print(
+                "  ".join(_cell(record.get(k)) for k in self.columns), markup=False, highlight=False
+            )
+        else:
+            self.rows.append(record)
+
+    def emit_all(self, records: Iterable[Record]) -> None:
+        """Render every record of an iterable."""
+        for record in records:
+            self.emit(record)
+
+    def close(self) -> None:
+        """Print what was kept: the table, or the JSON array."""
+        if self.format == "json":
+            json.dump(self.rows, self.stream, ensure_ascii=False, indent=2, default=str)
+            self.stream.write("\n")
+        elif self.format == "table" and not self.live and self.rows:
+            from rich.console import Console
+            from rich.table import Table
+
+            table = Table(show_edge=False, pad_edge=False)
+            for column in self.columns:
+                table.add_column(column, overflow="fold")
+            for row in self.rows:
+                table.add_row(*(_cell(row.get(c)) for c in self.columns))
+            Console(file=self.stream).print(table)
+        self.stream.flush()
+
+    @property
+    def failed(self) -> int:
+        """How many records had status failed."""
+        return self.counts.get("failed", 0)
+
+    def exit_code(self) -> int:
+        """0 when nothing failed, 1 when some items failed."""
+        return ExitCode.PARTIAL if self.failed else ExitCode.OK
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, dict):
+        return str(value.get("message", value))
+    if isinstance(value, list):
+        return "\\".join(str(v) for v in value)
+    return str(value)

@@ -1,0 +1,244 @@
+"""Settings: defaults, then the TOML config file, then PACS_* environment, then flags.
+
+The config file (``--config``, else ``PACS_CONFIG``, else the per-user config folder's
+``config.toml``) looks like::
+
+    ae_title = "PACSCLI"
+    archive = "/srv/pacs"
+
+    [serve]
+    port = 11112
+    allow = ["CT1", "MR1"]        # calling AE titles let in; empty lets in everyone
+    require_called_aet = true
+    max_associations = 16
+
+    [storage]
+    durability = "fsync"          # or "none": faster, but a power cut may lose recent files
+    on_conflict = "keep"          # a changed instance with a known SOP Instance UID: keep or replace
+
+    [network]
+    max_pdu = 1048576
+    connect_timeout = 10
+
+    [remotes.ORTHANC]
+    ae_title = "ORTHANC"
+    host = "10.0.0.5"
+    port = 4242
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Literal
+
+import platformdirs
+
+from pacscli.errors import ConfigError, UsageError
+
+APP_NAME = "pacscli"
+DEFAULT_AE_TITLE = "PACSCLI"
+DEFAULT_PORT = 11112
+
+Durability = Literal["fsync", "none"]
+ConflictPolicy = Literal["keep", "replace"]
+
+
+@dataclass(frozen=True)
+class Remote:
+    """A DICOM peer: AE title, host and port."""
+
+    ae_title: str
+    host: str
+    port: int
+    name: str | None = None
+    tls: bool = False
+
+    def __str__(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{self.ae_title}@{host}:{self.port}"
+
+
+@dataclass(frozen=True)
+class NetworkSettings:
+    """Timeouts (seconds) and PDU size for every association we make or accept."""
+
+    max_pdu: int = 1024 * 1024
+    connect_timeout: float = 10.0
+    acse_timeout: float = 30.0
+    dimse_timeout: float = 60.0
+    network_timeout: float = 60.0
+
+
+@dataclass(frozen=True)
+class ServeSettings:
+    """Settings of `pacs serve`."""
+
+    port: int = DEFAULT_PORT
+    bind: str = ""  # all interfaces, as modalities expect of a PACS
+    allow: tuple[str, ...] = ()
+    require_called_aet: bool = True
+    max_associations: int = 16
+
+
+@dataclass(frozen=True)
+class StorageSettings:
+    """How the archive writes: durability and the policy for changed instances."""
+
+    durability: Durability = "fsync"
+    on_conflict: ConflictPolicy = "keep"
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything a command needs to know about where and who we are."""
+
+    archive: Path
+    ae_title: str = DEFAULT_AE_TITLE
+    config_file: Path | None = None
+    remotes: Mapping[str, Remote] = field(default_factory=dict)
+    serve: ServeSettings = ServeSettings()
+    storage: StorageSettings = StorageSettings()
+    network: NetworkSettings = NetworkSettings()
+
+    def with_changes(self, **changes: Any) -> Settings:
+        """A copy with some fields replaced."""
+        return replace(self, **changes)
+
+    def remote(self, spec: str) -> Remote:
+        """Resolve `AET@HOST:PORT` or a configured remote's name."""
+        if spec in self.remotes:
+            return self.remotes[spec]
+        if "@" in spec:
+            return parse_remote(spec)
+        known = ", ".join(sorted(self.remotes)) or "none configured"
+        raise UsageError(
+            f"unknown remote {spec!r}: give AET@HOST:PORT or a name from [remotes] "
+            f"in the config file (known: {known})"
+        )
+
+    def remote_by_ae_title(self, ae_title: str) -> Remote | None:
+        """The configured remote whose AE title is `ae_title` (C-MOVE destinations)."""
+        for remote in self.remotes.values():
+            if remote.ae_title == ae_title:
+                return remote
+        return None
+
+
+_REMOTE_RE = re.compile(r"^(?P<aet>[^@]{1,16})@(?:\[(?P<ip6>[^\]]+)\]|(?P<host>[^:\[\]]+)):(?P<port>\d+)$")
+
+
+def validate_ae_title(value: str, what: str = "AE title") -> str:
+    """Check an AE title: 1-16 characters, no backslash or control characters."""
+    stripped = value.strip()
+    if not 1 <= len(stripped) <= 16 or "\\" in stripped or any(ord(c) < 32 for c in stripped):
+        raise UsageError(f"invalid {what} {value!r}: 1 to 16 characters, no backslash")
+    return stripped
+
+
+def parse_remote(spec: str, name: str | None = None) -> Remote:
+    """Parse `AET@HOST:PORT` (IPv6 hosts in brackets)."""
+    match = _REMOTE_RE.match(spec.strip())
+    if not match:
+        raise UsageError(f"invalid remote {spec!r}: expected AET@HOST:PORT")
+    port = int(match["port"])
+    if not 1 <= port <= 65535:
+        raise UsageError(f"invalid port {port} in remote {spec!r}")
+    aet = validate_ae_title(match["aet"])
+    return Remote(ae_title=aet, host=match["ip6"] or match["host"], port=port, name=name)
+
+
+def default_archive() -> Path:
+    """The per-user data folder's archive (XDG on Linux)."""
+    return Path(platformdirs.user_data_dir(APP_NAME)) / "archive"
+
+
+def default_config_file() -> Path:
+    """The per-user config folder's config.toml."""
+    return Path(platformdirs.user_config_dir(APP_NAME)) / "config.toml"
+
+
+def _section(data: Mapping[str, Any], name: str) -> dict[str, Any]:
+    value = data.get(name, {})
+    if not isinstance(value, dict):
+        raise ConfigError(f"[{name}] in the config file must be a table")
+    return value
+
+
+def _build(cls: Any, values: dict[str, Any], section: str) -> Any:
+    known = set(cls.__dataclass_fields__)
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ConfigError(f"unknown setting(s) in [{section}]: {', '.join(unknown)}")
+    if "allow" in values:
+        values = {**values, "allow": tuple(validate_ae_title(a) for a in values["allow"])}
+    try:
+        obj = cls(**values)
+    except TypeError as exc:
+        raise ConfigError(f"bad [{section}] settings: {exc}") from exc
+    defaults = cls()
+    for name in values:
+        value, default = getattr(obj, name), getattr(defaults, name)
+        numeric = isinstance(default, int | float) and not isinstance(default, bool)
+        if numeric and (isinstance(value, bool) or not isinstance(value, int | float)):
+            raise ConfigError(f"[{section}] {name} must be a number, not {value!r}")
+        if not numeric and not isinstance(value, type(default)):
+            raise ConfigError(f"[{section}] {name} has the wrong type: {value!r}")
+    return obj
+
+
+def load_settings(
+    *,
+    config_file: Path | None = None,
+    archive: Path | None = None,
+    ae_title: str | None = None,
+    env: Mapping[str, str] | None = None,
+) -> Settings:
+    """Settings from defaults, the config file, PACS_* environment and explicit values."""
+    env = os.environ if env is None else env
+    explicit_config = config_file or (Path(env["PACS_CONFIG"]) if env.get("PACS_CONFIG") else None)
+    path = explicit_config or default_config_file()
+    data: dict[str, Any] = {}
+    if path.exists():
+        try:
+            data = tomllib.loads(path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+            raise ConfigError(f"cannot read config file {path}: {exc}") from exc
+    elif explicit_config is not None:
+        raise ConfigError(f"config file {path} does not exist")
+
+    remotes: dict[str, Remote] = {}
+    for name, table in _section(data, "remotes").items():
+        if not isinstance(table, dict) or not {"ae_title", "host", "port"} <= set(table):
+            raise ConfigError(f"[remotes.{name}] needs ae_title, host and port")
+        spec = f"{table['ae_title']}@{table['host']}:{table['port']}"
+        remote = parse_remote(spec if ":" not in str(table["host"]) else
+                              f"{table['ae_title']}@[{table['host']}]:{table['port']}", name)
+        remotes[name] = replace(remote, tls=bool(table.get("tls", False)))
+
+    file_archive = data.get("archive")
+    archive_path = (
+        archive
+        or (Path(env["PACS_ARCHIVE"]) if env.get("PACS_ARCHIVE") else None)
+        or (Path(str(file_archive)).expanduser() if file_archive else None)
+        or default_archive()
+    )
+    aet = ae_title or env.get("PACS_AET") or str(data.get("ae_title", DEFAULT_AE_TITLE))
+    storage = _build(StorageSettings, _section(data, "storage"), "storage")
+    if storage.durability not in ("fsync", "none"):
+        raise ConfigError("[storage] durability must be 'fsync' or 'none'")
+    if storage.on_conflict not in ("keep", "replace"):
+        raise ConfigError("[storage] on_conflict must be 'keep' or 'replace'")
+    return Settings(
+        archive=archive_path,
+        ae_title=validate_ae_title(aet, "local AE title"),
+        config_file=path if path.exists() else None,
+        remotes=remotes,
+        serve=_build(ServeSettings, _section(data, "serve"), "serve"),
+        storage=storage,
+        network=_build(NetworkSettings, _section(data, "network"), "network"),
+    )

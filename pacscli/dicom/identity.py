@@ -1,0 +1,148 @@
+"""What the archive needs to know about an instance, read without touching its pixel data.
+
+`INDEXED_ATTRIBUTES` lists, per Q/R level, the attributes the index keeps (PS3.4 C.6 unique,
+required and commonly used optional keys); the index schema is derived from it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, BinaryIO
+
+import pydicom
+from pydicom.datadict import tag_for_keyword
+from pydicom.errors import InvalidDicomError as PydicomInvalidDicomError
+from pydicom.filereader import _read_file_meta_info, read_preamble
+
+from pacscli.dicom.uids import clean_uid, require_safe_uid
+from pacscli.errors import InvalidDicomError
+
+INDEXED_ATTRIBUTES: dict[str, tuple[str, ...]] = {
+    "patient": (
+        "PatientID",
+        "IssuerOfPatientID",
+        "PatientName",
+        "PatientBirthDate",
+        "PatientSex",
+        "OtherPatientIDs",
+    ),
+    "study": (
+        "StudyInstanceUID",
+        "StudyDate",
+        "StudyTime",
+        "AccessionNumber",
+        "StudyID",
+        "StudyDescription",
+        "ReferringPhysicianName",
+    ),
+    "series": (
+        "SeriesInstanceUID",
+        "Modality",
+        "SeriesNumber",
+        "SeriesDescription",
+        "SeriesDate",
+        "SeriesTime",
+        "BodyPartExamined",
+    ),
+    "instance": (
+        "SOPInstanceUID",
+        "SOPClassUID",
+        "InstanceNumber",
+        "ContentDate",
+        "ContentTime",
+        "NumberOfFrames",
+    ),
+}
+
+_READ_TAGS = [
+    tag_for_keyword(kw)
+    for kws in (*INDEXED_ATTRIBUTES.values(), ("SpecificCharacterSet",))
+    for kw in kws
+]
+
+
+@dataclass
+class InstanceInfo:
+    """An instance's UIDs, indexed attributes and where its dataset starts in the file."""
+
+    study_uid: str
+    series_uid: str
+    sop_uid: str
+    sop_class_uid: str
+    transfer_syntax: str
+    dataset_offset: int
+    specific_character_set: str | None = None
+    attributes: dict[str, str | None] = field(default_factory=dict)
+    meta_sop_uid: str | None = None
+    source_aet: str | None = None
+
+
+def _text(value: Any) -> str | None:
+    """An attribute value as its DICOM string form (several values joined by backslash)."""
+    if value is None or value == "":
+        return None
+    if isinstance(value, list | tuple) or type(value).__name__ == "MultiValue":
+        return "\\".join(str(v) for v in value)
+    return str(value)
+
+
+def read_file_meta(fp: BinaryIO) -> tuple[pydicom.dataset.FileMetaDataset, int]:
+    """The file meta of a Part 10 file and the offset of its dataset; fp is left there."""
+    try:
+        read_preamble(fp, False)
+        meta = _read_file_meta_info(fp)
+    except (PydicomInvalidDicomError, EOFError) as exc:
+        raise InvalidDicomError(f"not a DICOM Part 10 file: {exc}") from exc
+    except Exception as exc:  # pydicom raises many kinds on garbage
+        raise InvalidDicomError(f"unreadable DICOM file meta: {exc}") from exc
+    return meta, fp.tell()
+
+
+def read_instance_info(path: Path) -> InstanceInfo:
+    """Read an instance's identity from a Part 10 file, stopping before the pixel data.
+
+    Raises InvalidDicomError for anything that is not a usable Part 10 instance and
+    UnsafeUIDError when a Study, Series or SOP Instance UID could not safely name a file.
+    """
+    try:
+        with open(path, "rb") as fp:
+            meta, offset = read_file_meta(fp)
+            transfer_syntax = clean_uid(meta.get("TransferSyntaxUID"))
+            if not transfer_syntax:
+                raise InvalidDicomError("the file meta has no Transfer Syntax UID")
+            fp.seek(0)
+            ds = pydicom.dcmread(fp, stop_before_pixels=True, specific_tags=_READ_TAGS)
+    except OSError as exc:
+        raise InvalidDicomError(f"cannot read {path}: {exc.strerror or exc}") from exc
+    except InvalidDicomError:
+        raise
+    except Exception as exc:
+        raise InvalidDicomError(f"unreadable DICOM dataset: {exc}") from exc
+    try:
+        attributes = {
+            kw: _text(ds.get(kw)) for kws in INDEXED_ATTRIBUTES.values() for kw in kws
+        }
+    except Exception as exc:  # a value that does not decode under its VR
+        raise InvalidDicomError(f"unreadable attribute value: {exc}") from exc
+    study_uid = require_safe_uid(attributes["StudyInstanceUID"], "StudyInstanceUID")
+    series_uid = require_safe_uid(attributes["SeriesInstanceUID"], "SeriesInstanceUID")
+    sop_uid = require_safe_uid(attributes["SOPInstanceUID"], "SOPInstanceUID")
+    attributes.update(StudyInstanceUID=study_uid, SeriesInstanceUID=series_uid, SOPInstanceUID=sop_uid)
+    sop_class = clean_uid(attributes["SOPClassUID"] or meta.get("MediaStorageSOPClassUID"))
+    if not sop_class:
+        raise InvalidDicomError("the instance has no SOP Class UID")
+    attributes["SOPClassUID"] = sop_class
+    source = meta.get("SourceApplicationEntityTitle")
+    return InstanceInfo(
+        study_uid=study_uid,
+        series_uid=series_uid,
+        sop_uid=sop_uid,
+        sop_class_uid=sop_class,
+        transfer_syntax=transfer_syntax,
+        dataset_offset=offset,
+        specific_character_set=_text(ds.get("SpecificCharacterSet")),
+        attributes=attributes,
+        meta_sop_uid=clean_uid(meta.get("MediaStorageSOPInstanceUID")) or None,
+        source_aet=str(source).strip() if source else None,
+    )

@@ -1,0 +1,144 @@
+"""pynetdicom glue shared by every SCU and SCP: the AE factory, TCP_NODELAY, and opening an
+association with a field engineer's diagnosis of why it failed."""
+
+from __future__ import annotations
+
+import logging
+import socket
+from collections.abc import Sequence
+from typing import Any
+
+from pynetdicom import AE, Association, evt
+from pynetdicom.presentation import PresentationContext
+
+from pacscli import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
+from pacscli.config import Remote, Settings
+from pacscli.errors import NetworkError
+
+log = logging.getLogger(__name__)
+
+Handler = tuple[Any, ...]
+
+
+def set_nodelay(event: evt.Event) -> None:
+    """EVT_CONN_OPEN handler: disable Nagle, or every C-STORE waits ~40 ms for a delayed ACK."""
+    sock = getattr(event.assoc.dul.socket, "socket", None)
+    if sock is not None:
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        except OSError as exc:  # e.g. already closed by the peer
+            log.debug("cannot set TCP_NODELAY: %s", exc)
+
+
+NODELAY_HANDLER: Handler = (evt.EVT_CONN_OPEN, set_nodelay)
+
+
+def make_ae(settings: Settings, ae_title: str | None = None) -> AE:
+    """An AE with our identity, bounded max PDU and the configured timeouts."""
+    ae = AE(ae_title=ae_title or settings.ae_title)
+    net = settings.network
+    ae.maximum_pdu_size = net.max_pdu
+    ae.connection_timeout = net.connect_timeout
+    ae.acse_timeout = net.acse_timeout
+    ae.dimse_timeout = net.dimse_timeout
+    ae.network_timeout = net.network_timeout
+    ae.implementation_class_uid = IMPLEMENTATION_CLASS_UID
+    ae.implementation_version_name = IMPLEMENTATION_VERSION_NAME
+    return ae
+
+
+def _rejection_text(primitive: Any) -> str:
+    """'rejected (permanent) by the service user: called AE title not recognised'."""
+    result = getattr(primitive, "result_str", "rejected")
+    source = getattr(primitive, "source_str", "unknown source")
+    reason = getattr(primitive, "reason_str", "no reason given")
+    return f"{str(result).lower()} by the {str(source).lower()}: {str(reason).lower()}"
+
+
+def diagnose_connection(remote: Remote, timeout: float) -> str:
+    """Why a TCP connection to `remote` fails, in words a field engineer can act on."""
+    try:
+        infos = socket.getaddrinfo(remote.host, remote.port, type=socket.SOCK_STREAM)
+    except socket.gaierror as exc:
+        return f"cannot resolve host {remote.host!r}: {exc.strerror}"
+    address = infos[0][4]
+    try:
+        with socket.create_connection(address[:2], timeout=timeout):
+            return (
+                f"TCP connection to {remote.host}:{remote.port} works, but the peer did not "
+                "answer the association request (is it a DICOM service? TLS expected?)"
+            )
+    except ConnectionRefusedError:
+        return (
+            f"connection refused by {remote.host}:{remote.port}: nothing is listening on that "
+            "port (service down or wrong port?)"
+        )
+    except TimeoutError:
+        return (
+            f"no answer from {remote.host}:{remote.port} within {timeout:g} s "
+            "(host down, wrong address or a firewall dropping packets?)"
+        )
+    except OSError as exc:
+        return f"cannot connect to {remote.host}:{remote.port}: {exc.strerror or exc}"
+
+
+def associate(
+    ae: AE,
+    remote: Remote,
+    *,
+    contexts: Sequence[PresentationContext] | None = None,
+    ext_neg: list[Any] | None = None,
+    evt_handlers: Sequence[Handler] = (),
+) -> Association:
+    """Open an association with `remote`, or raise NetworkError saying exactly why not.
+
+    The error distinguishes name resolution, refused TCP, timeouts, a rejection (with its
+    decoded result, source and reason) and an abort during negotiation.
+    """
+    try:
+        socket.getaddrinfo(remote.host, remote.port, type=socket.SOCK_STREAM)
+    except socket.gaierror as exc:
+        raise NetworkError(f"cannot resolve host {remote.host!r}: {exc.strerror}",
+                           code="name-resolution") from exc
+    received: list[Any] = []
+    connected: list[bool] = []
+
+    def on_acse_recv(event: evt.Event) -> None:
+        received.append(event.primitive)
+
+    def on_conn_open(event: evt.Event) -> None:
+        connected.append(True)
+
+    handlers = [NODELAY_HANDLER, (evt.EVT_CONN_OPEN, on_conn_open),
+                (evt.EVT_ACSE_RECV, on_acse_recv), *evt_handlers]
+    assoc = ae.associate(
+        remote.host,
+        remote.port,
+        contexts=list(contexts) if contexts is not None else None,
+        ae_title=remote.ae_title,
+        max_pdu=ae.maximum_pdu_size,
+        ext_neg=ext_neg,
+        evt_handlers=handlers,
+    )
+    if assoc.is_established:
+        return assoc
+    if assoc.is_rejected:
+        reply = next((p for p in received if hasattr(p, "reason_str")), None)
+        detail = _rejection_text(reply) if reply is not None else "rejected"
+        raise NetworkError(f"association rejected by {remote}: {detail}",
+                           code="association-rejected")
+    if not connected:
+        raise NetworkError(f"cannot associate with {remote}: "
+                           f"{diagnose_connection(remote, ae.connection_timeout or 10)}",
+                           code="connection-failed")
+    if assoc.is_aborted:
+        raise NetworkError(f"{remote} aborted the association during negotiation",
+                           code="association-aborted")
+    raise NetworkError(f"{remote} accepted the TCP connection but did not answer the "
+                       f"association request within {ae.acse_timeout:g} s", code="acse-timeout")
+
+
+def release(assoc: Association) -> None:
+    """Release an association if it is still up."""
+    if assoc.is_established:
+        assoc.release()

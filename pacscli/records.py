@@ -1,0 +1,73 @@
+"""JSON-lines records: the one format every command reads and writes (DESIGN.md section 2).
+
+DICOM values use their attribute keywords (`PatientID`, `SOPInstanceUID`); our own fields are
+snake_case (`path`, `status`, `error`). `status` is one of ok|warning|pending|failed|skipped.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Iterator
+from typing import Any, Literal, TextIO
+
+from pacscli.errors import PacsError, UsageError
+
+Status = Literal["ok", "warning", "pending", "failed", "skipped"]
+Record = dict[str, Any]
+
+
+def element_value(value: Any) -> Any:
+    """A pydicom element value as plain JSON: strings, numbers, or a list of them."""
+    if value is None:
+        return None
+    if isinstance(value, str | int | float | bool):
+        return value
+    if isinstance(value, bytes):
+        return None  # binary values do not belong in records
+    if isinstance(value, list | tuple) or type(value).__name__ == "MultiValue":
+        return [element_value(v) for v in value]
+    if type(value).__name__ == "PersonName":
+        return str(value)
+    if isinstance(value, int):
+        return int(value)
+    try:
+        return float(value) if "." in str(value) or "e" in str(value).lower() else int(value)
+    except (TypeError, ValueError):
+        return str(value)
+
+
+def failed(error: PacsError, **fields: Any) -> Record:
+    """A record for one item that failed; the run goes on."""
+    return {**fields, "status": "failed", "error": error.to_record()}
+
+
+def to_json_line(record: Record) -> str:
+    """One record as one line of JSON (no trailing newline)."""
+    return json.dumps(record, ensure_ascii=False, separators=(",", ":"), default=str)
+
+
+def write_record(stream: TextIO, record: Record) -> None:
+    """Write one record and flush, so the next command in a pipe starts at once."""
+    stream.write(to_json_line(record) + "\n")
+    stream.flush()
+
+
+def read_records(lines: Iterable[str]) -> Iterator[Record]:
+    """Records from JSON lines; a line that is not a JSON object is taken as a path.
+
+    `find . -name '*.dcm' | pacs store X` therefore works as well as a pipe of records.
+    """
+    for number, raw in enumerate(lines, start=1):
+        line = raw.strip()
+        if not line:
+            continue
+        if line.startswith("{"):
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise UsageError(f"stdin line {number} is not valid JSON: {exc}") from exc
+            if not isinstance(record, dict):
+                raise UsageError(f"stdin line {number} is not a JSON object")
+            yield record
+        else:
+            yield {"path": line}
