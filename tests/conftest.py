@@ -45,6 +45,9 @@ def testdata(name: str) -> Path:
     return Path(path)
 
 
+testdata.__test__ = False  # type: ignore[attr-defined]  # a helper, not a test
+
+
 def free_port() -> int:
     """A TCP port free on 127.0.0.1 right now."""
     with socket.socket() as sock:
@@ -136,9 +139,15 @@ def server(tmp_path: Path) -> Iterator[Server]:
     srv.stop()
 
 
+# pynetdicom installs console scripts named like DCMTK's (storescp, echoscu...) that can come
+# first on PATH: real peers are looked up in the system folders only.
+SYSTEM_PATH = "/usr/bin:/bin:/usr/local/bin"
+
+
 def require(tool: str) -> str:
-    """The path of a DCMTK (or other) tool; fail loudly if it is missing (CI installs it)."""
-    path = shutil.which(tool)
+    """The path of a DCMTK (or other system) tool, never pynetdicom's namesakes; fail loudly
+    if it is missing (scripts/test installs it)."""
+    path = shutil.which(tool, path=SYSTEM_PATH)
     if path is None:
         pytest.fail(f"{tool} is not installed: scripts/test installs dcmtk and dicom3tools")
     return path

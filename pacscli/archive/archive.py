@@ -11,23 +11,20 @@ from __future__ import annotations
 import errno
 import hashlib
 import logging
+import mmap
 import os
 import shutil
 import tempfile
 import time
 from dataclasses import dataclass
-from io import BytesIO
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from pydicom.dataset import FileMetaDataset
-from pydicom.filewriter import write_file_meta_info
-
-from pacscli import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
 from pacscli.archive import layout
-from pacscli.archive.index import Index, StoredFile
+from pacscli.archive.index import Index, InstanceRow, StoredFile
 from pacscli.config import StorageSettings
 from pacscli.dicom.identity import InstanceInfo, read_instance_info
+from pacscli.dicom.part10 import part10_header
 from pacscli.errors import ArchiveError, OutOfResourcesError
 
 log = logging.getLogger(__name__)
@@ -140,16 +137,11 @@ class Archive:
         final = self.root / relpath
         staged, size, sha256, content_sha256 = self._stage(source, info, source_aet, rewrite_meta)
         try:
-            existing = self.index.lookup(info.sop_uid)
-            if existing is not None and existing.content_sha256 == content_sha256 and \
-                    self.abspath(existing.path).exists():
-                return PutResult(info, self.abspath(existing.path), "duplicate",
-                                 existing.size, existing.sha256)
+            existing, settled = self._settled(info, content_sha256)
+            if settled is not None:
+                return settled
             outcome = "stored"
             if existing is not None and self.abspath(existing.path).exists():
-                if self.storage.on_conflict == "keep":
-                    return PutResult(info, self.abspath(existing.path), "kept",
-                                     existing.size, existing.sha256)
                 self._set_aside(self.abspath(existing.path), info.sop_uid)
                 outcome = "replaced"
             self._place(staged, final)
@@ -169,6 +161,69 @@ class Archive:
             return PutResult(info, final, outcome, size, sha256)
         finally:
             staged.unlink(missing_ok=True)
+
+    def _settled(self, info: InstanceInfo,
+                 content_sha256: str) -> tuple[InstanceRow | None, PutResult | None]:
+        """The indexed instance with the same SOP Instance UID, and the result when it settles
+        the matter: its file holds the same dataset (duplicate), or another one that
+        on_conflict = 'keep' keeps (kept). A row whose file is gone settles nothing."""
+        existing = self.index.lookup(info.sop_uid)
+        if existing is None or not self.abspath(existing.path).exists():
+            return existing, None
+        if existing.content_sha256 == content_sha256:
+            outcome = "duplicate"
+        elif self.storage.on_conflict == "keep":
+            outcome = "kept"
+        else:
+            return existing, None
+        return existing, PutResult(info, self.abspath(existing.path), outcome, existing.size,
+                                   existing.sha256)
+
+    def recorded_path(self, path: Path) -> str:
+        """How the index records a file: archive-relative inside the archive, else absolute."""
+        path = Path(os.path.abspath(path))
+        try:
+            return path.relative_to(self.root).as_posix()
+        except ValueError:
+            return str(path)
+
+    def index_in_place(self, source: Path, *, info: InstanceInfo | None = None,
+                       hashes: FileHashes | None = None) -> PutResult:
+        """Index the instance in `source` where it lies: only the index is written.
+
+        For `pacs index --in-place` (files on a share, recorded by absolute path), and for
+        the archive's own files (`index --rebuild`, `verify --repair`: archive-relative
+        paths). The file's mtime is its received_at and its file meta's Source AE title its
+        sending AE, so indexing the files put wrote reproduces the rows put made. Outcomes
+        are put's ("indexed" where put says "stored"): another file already indexed for the
+        instance makes this one a duplicate, or kept aside the index under on_conflict =
+        'keep'; under 'replace' the row moves here, and an archive file it recorded before
+        moves into .replaced/ (an external one stays where it is). `info` and `hashes`, when
+        the caller has them, spare reading the file again.
+        """
+        source = Path(os.path.abspath(source))
+        info = info or read_instance_info(source)
+        hashes = hashes or hash_file(source, info.dataset_offset)
+        path = self.recorded_path(source)
+        existing = self.index.lookup(info.sop_uid)
+        outcome = "indexed"
+        if existing is not None and existing.path != path:
+            existing, settled = self._settled(info, hashes.content_sha256)
+            if settled is not None:
+                return settled
+            if existing is not None and self.abspath(existing.path).exists():
+                outcome = "replaced"
+        stored = StoredFile(path=path, size=hashes.size, sha256=hashes.sha256,
+                            content_sha256=hashes.content_sha256, received_at=hashes.mtime,
+                            source_aet=info.source_aet)
+        try:
+            self.index.reindex(info, stored)
+        except Exception as exc:
+            raise ArchiveError(f"cannot index {info.sop_uid}: {exc}") from exc
+        if outcome == "replaced" and existing is not None and \
+                not Path(existing.path).is_absolute():
+            self._set_aside(self.abspath(existing.path), info.sop_uid, move=True)
+        return PutResult(info, source, outcome, hashes.size, hashes.sha256)
 
     def _stage(self, source: Path, info: InstanceInfo, source_aet: str | None,
                rewrite_meta: bool) -> tuple[Path, int, str, str]:
@@ -202,18 +257,12 @@ class Archive:
     @staticmethod
     def _file_meta_bytes(info: InstanceInfo, source_aet: str | None) -> bytes:
         """Preamble, DICM and our file meta, naming the dataset's own UIDs."""
-        meta = FileMetaDataset()
-        meta.MediaStorageSOPClassUID = info.sop_class_uid
-        meta.MediaStorageSOPInstanceUID = info.sop_uid
-        meta.TransferSyntaxUID = info.transfer_syntax
-        meta.ImplementationClassUID = IMPLEMENTATION_CLASS_UID
-        meta.ImplementationVersionName = IMPLEMENTATION_VERSION_NAME
-        if source_aet:
-            meta.SourceApplicationEntityTitle = source_aet
-        buffer = BytesIO()
-        buffer.write(b"\x00" * 128 + b"DICM")
-        write_file_meta_info(buffer, meta, enforce_standard=True)
-        return buffer.getvalue()
+        return part10_header(
+            sop_class_uid=info.sop_class_uid,
+            sop_instance_uid=info.sop_uid,
+            transfer_syntax=info.transfer_syntax,
+            source_aet=source_aet,
+        )
 
     def _place(self, staged: Path, final: Path) -> None:
         """Sync a staged file, rename it into place and make the rename durable."""
@@ -243,15 +292,57 @@ class Archive:
             path.mkdir(exist_ok=True)
         return [p.parent for p in missing]
 
-    def _set_aside(self, path: Path, sop_uid: str) -> None:
-        """Keep an instance about to be replaced in .replaced/ (nothing is ever deleted)."""
+    def _set_aside(self, path: Path, sop_uid: str, *, move: bool = False) -> None:
+        """Keep an instance about to be replaced in .replaced/ (nothing is ever deleted):
+        a hard link (the replacement then takes its name), or with `move` the file itself."""
         aside = self.root / layout.REPLACED_DIR
         aside.mkdir(exist_ok=True)
         target = aside / f"{sop_uid}.{time.time_ns()}{layout.INSTANCE_SUFFIX}"
         try:
-            os.link(path, target)
+            if move:
+                os.rename(path, target)
+            else:
+                os.link(path, target)
         except OSError as exc:
             raise _resource_error(exc, f"cannot set aside {path.name} before replacing it") from exc
+
+
+@dataclass(frozen=True)
+class FileHashes:
+    """A file's size, sha256, the sha256 of its dataset (the bytes after the file meta),
+    and its mtime: what the index records of a file."""
+
+    size: int
+    sha256: str
+    content_sha256: str
+    mtime: float
+
+
+def hash_bytes(data: bytes | memoryview | mmap.mmap, dataset_offset: int,
+               mtime: float) -> FileHashes:
+    """The FileHashes of a file's bytes already in memory (or mapped)."""
+    view = memoryview(data)
+    try:
+        content = hashlib.sha256(view[dataset_offset:]).hexdigest()
+        whole = hashlib.sha256(view).hexdigest()
+    finally:
+        view.release()
+    return FileHashes(len(data), whole, content, mtime)
+
+
+def hash_file(path: Path, dataset_offset: int) -> FileHashes:
+    """The FileHashes of a file, read in chunks."""
+    file_hash, content_hash = hashlib.sha256(), hashlib.sha256()
+    with open(path, "rb") as fp:
+        mtime = os.fstat(fp.fileno()).st_mtime
+        header = fp.read(dataset_offset)
+        file_hash.update(header)
+        size = len(header)
+        while chunk := fp.read(_CHUNK):
+            file_hash.update(chunk)
+            content_hash.update(chunk)
+            size += len(chunk)
+    return FileHashes(size, file_hash.hexdigest(), content_hash.hexdigest(), mtime)
 
 
 def _fsync_dir(folder: Path) -> None:

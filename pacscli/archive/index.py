@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from pacscli.dicom.identity import INDEXED_ATTRIBUTES, InstanceInfo
 from pacscli.errors import ArchiveError
@@ -92,6 +93,37 @@ class InstanceRow:
     size: int
     sha256: str
     content_sha256: str
+
+
+@dataclass(frozen=True)
+class IndexedFile:
+    """An indexed instance's file and UIDs: what `pacs verify` checks a file against."""
+
+    pk: int
+    sop_uid: str
+    series_uid: str
+    study_uid: str
+    patient_id: str
+    path: str
+    size: int
+    sha256: str
+    content_sha256: str
+    received_at: float
+
+
+_FILE_QUERY = (
+    "SELECT i.pk, i.SOPInstanceUID, se.SeriesInstanceUID, st.StudyInstanceUID, p.PatientID, "
+    "i.path, i.size, i.sha256, i.content_sha256, i.received_at FROM instances i "
+    "JOIN series se ON se.pk = i.series_pk JOIN studies st ON st.pk = se.study_pk "
+    "JOIN patients p ON p.pk = st.patient_pk"
+)
+
+# How `dump` names a row's parent: by its natural key instead of its pk.
+_PARENTS = {
+    "studies": ("patient_pk", "patients", ("PatientID", "IssuerOfPatientID")),
+    "series": ("study_pk", "studies", ("StudyInstanceUID",)),
+    "instances": ("series_pk", "series", ("SeriesInstanceUID",)),
+}
 
 
 class Index:
@@ -177,38 +209,42 @@ class Index:
 
     def upsert(self, info: InstanceInfo, stored: StoredFile) -> None:
         """Insert or update an instance and its series, study and patient rows."""
-        attrs = info.attributes
         with self.transaction() as conn:
-            patient_pk = self._upsert_row(
-                conn, "patient", ("PatientID", "IssuerOfPatientID"),
-                {kw: attrs.get(kw) or "" if kw in _KEY_COLUMNS else attrs.get(kw)
-                 for kw in INDEXED_ATTRIBUTES["patient"]}, {},
-            )
-            study_pk = self._upsert_row(
-                conn, "study", ("StudyInstanceUID",),
-                {kw: attrs.get(kw) for kw in INDEXED_ATTRIBUTES["study"]},
-                {"patient_pk": patient_pk},
-            )
-            series_pk = self._upsert_row(
-                conn, "series", ("SeriesInstanceUID",),
-                {kw: attrs.get(kw) for kw in INDEXED_ATTRIBUTES["series"]},
-                {"study_pk": study_pk},
-            )
-            self._upsert_row(
-                conn, "instance", ("SOPInstanceUID",),
-                {kw: attrs.get(kw) for kw in INDEXED_ATTRIBUTES["instance"]},
-                {
-                    "series_pk": series_pk,
-                    "SpecificCharacterSet": info.specific_character_set,
-                    "path": stored.path,
-                    "size": stored.size,
-                    "sha256": stored.sha256,
-                    "content_sha256": stored.content_sha256,
-                    "transfer_syntax": info.transfer_syntax,
-                    "received_at": stored.received_at,
-                    "source_aet": stored.source_aet,
-                },
-            )
+            self._upsert_in(conn, info, stored)
+
+    def _upsert_in(self, conn: sqlite3.Connection, info: InstanceInfo, stored: StoredFile) -> None:
+        """The rows of `upsert`, inside the caller's transaction."""
+        attrs = info.attributes
+        patient_pk = self._upsert_row(
+            conn, "patient", ("PatientID", "IssuerOfPatientID"),
+            {kw: attrs.get(kw) or "" if kw in _KEY_COLUMNS else attrs.get(kw)
+             for kw in INDEXED_ATTRIBUTES["patient"]}, {},
+        )
+        study_pk = self._upsert_row(
+            conn, "study", ("StudyInstanceUID",),
+            {kw: attrs.get(kw) for kw in INDEXED_ATTRIBUTES["study"]},
+            {"patient_pk": patient_pk},
+        )
+        series_pk = self._upsert_row(
+            conn, "series", ("SeriesInstanceUID",),
+            {kw: attrs.get(kw) for kw in INDEXED_ATTRIBUTES["series"]},
+            {"study_pk": study_pk},
+        )
+        self._upsert_row(
+            conn, "instance", ("SOPInstanceUID",),
+            {kw: attrs.get(kw) for kw in INDEXED_ATTRIBUTES["instance"]},
+            {
+                "series_pk": series_pk,
+                "SpecificCharacterSet": info.specific_character_set,
+                "path": stored.path,
+                "size": stored.size,
+                "sha256": stored.sha256,
+                "content_sha256": stored.content_sha256,
+                "transfer_syntax": info.transfer_syntax,
+                "received_at": stored.received_at,
+                "source_aet": stored.source_aet,
+            },
+        )
 
     @staticmethod
     def _upsert_row(
@@ -238,3 +274,100 @@ class Index:
     def count_instances(self) -> int:
         """How many instances the index holds."""
         return int(self.connection().execute("SELECT count(*) FROM instances").fetchone()[0])
+
+    # Whole-index operations: `pacs index --rebuild` and `pacs verify`.
+
+    def iter_files(self, batch: int = 1000) -> Iterator[IndexedFile]:
+        """Every indexed file, in pk order, read in batches (no long-held read snapshot)."""
+        conn = self.connection()
+        last = 0
+        while True:
+            rows = conn.execute(f"{_FILE_QUERY} WHERE i.pk > ? ORDER BY i.pk LIMIT ?",
+                                (last, batch)).fetchall()
+            if not rows:
+                return
+            for row in rows:
+                yield IndexedFile(*row)
+            last = int(rows[-1][0])
+
+    def file_of(self, sop_uid: str) -> IndexedFile | None:
+        """The indexed file of an instance, as the index says now."""
+        row = self.connection().execute(f"{_FILE_QUERY} WHERE i.SOPInstanceUID = ?",
+                                        (sop_uid,)).fetchone()
+        return IndexedFile(*row) if row else None
+
+    def file_at(self, path: str) -> IndexedFile | None:
+        """The indexed file recorded at `path` (archive-relative, or absolute), if any."""
+        row = self.connection().execute(f"{_FILE_QUERY} WHERE i.path = ?", (path,)).fetchone()
+        return IndexedFile(*row) if row else None
+
+    def paths(self) -> set[str]:
+        """The recorded path of every indexed file."""
+        return {row[0] for row in self.connection().execute("SELECT path FROM instances")}
+
+    def reindex(self, info: InstanceInfo, stored: StoredFile) -> None:
+        """`upsert`, first dropping in the same transaction a row of another instance recorded
+        at the same path (a file indexed where it lies, since rewritten)."""
+        with self.transaction() as conn:
+            stale = [row[0] for row in conn.execute(
+                "SELECT SOPInstanceUID FROM instances WHERE path = ? AND SOPInstanceUID != ?",
+                (stored.path, info.sop_uid))]
+            self._remove_in(conn, stale)
+            self._upsert_in(conn, info, stored)
+
+    def remove(self, sop_uids: list[str]) -> int:
+        """Drop the rows of these instances, and the series, studies and patients they leave
+        empty (files are not touched); return how many instance rows went."""
+        with self.transaction() as conn:
+            return self._remove_in(conn, sop_uids)
+
+    @staticmethod
+    def _remove_in(conn: sqlite3.Connection, sop_uids: list[str]) -> int:
+        removed = 0
+        for sop_uid in sop_uids:
+            row = conn.execute(
+                "DELETE FROM instances WHERE SOPInstanceUID = ? RETURNING series_pk", (sop_uid,)
+            ).fetchone()
+            if row is None:
+                continue
+            removed += 1
+            parent = conn.execute(
+                "DELETE FROM series WHERE pk = ? AND NOT EXISTS (SELECT 1 FROM instances "
+                "WHERE series_pk = ?) RETURNING study_pk", (row[0], row[0])).fetchone()
+            if parent is not None:
+                parent = conn.execute(
+                    "DELETE FROM studies WHERE pk = ? AND NOT EXISTS (SELECT 1 FROM series "
+                    "WHERE study_pk = ?) RETURNING patient_pk", (parent[0], parent[0])).fetchone()
+            if parent is not None:
+                conn.execute("DELETE FROM patients WHERE pk = ? AND NOT EXISTS (SELECT 1 FROM "
+                             "studies WHERE patient_pk = ?)", (parent[0], parent[0]))
+        return removed
+
+    def reset(self) -> None:
+        """Drop every table and create the schema afresh (`pacs index --rebuild`)."""
+        try:
+            with self.transaction() as conn:
+                for table in ("instances", "series", "studies", "patients"):
+                    conn.execute(f"DROP TABLE IF EXISTS {table}")
+                conn.execute("PRAGMA user_version = 0")
+        except sqlite3.Error as exc:
+            raise ArchiveError(f"cannot reset the index {self.path}: {exc}") from exc
+        self.migrate()
+
+    def dump(self) -> dict[str, list[tuple[Any, ...]]]:
+        """Every row of every table without its pk, parents named by their natural keys,
+        sorted: two indexes of the same files dump equal, whatever order built them."""
+        conn = self.connection()
+        dumped: dict[str, list[tuple[Any, ...]]] = {}
+        for table in ("patients", "studies", "series", "instances"):
+            columns = [row[1] for row in conn.execute(f"PRAGMA table_info({table})")
+                       if row[1] != "pk"]
+            select = [f"t.{c}" for c in columns]
+            join = ""
+            if table in _PARENTS:
+                fk, parent, keys = _PARENTS[table]
+                select = [f"t.{c}" for c in columns if c != fk] + [f"p.{k}" for k in keys]
+                join = f" JOIN {parent} p ON p.pk = t.{fk}"
+            rows = conn.execute(f"SELECT {', '.join(select)} FROM {table} t{join}").fetchall()
+            dumped[table] = sorted((tuple(row) for row in rows), key=repr)
+        return dumped

@@ -13,7 +13,7 @@ from typing import Any, BinaryIO
 import pydicom
 from pydicom.datadict import tag_for_keyword
 from pydicom.errors import InvalidDicomError as PydicomInvalidDicomError
-from pydicom.filereader import _read_file_meta_info, read_preamble
+from pydicom.filereader import _read_file_meta_info, read_dataset, read_preamble
 
 from pacscli.dicom.uids import clean_uid, require_safe_uid
 from pacscli.errors import InvalidDicomError
@@ -55,11 +55,29 @@ INDEXED_ATTRIBUTES: dict[str, tuple[str, ...]] = {
     ),
 }
 
-_READ_TAGS = [
-    tag_for_keyword(kw)
-    for kws in (*INDEXED_ATTRIBUTES.values(), ("SpecificCharacterSet",))
-    for kw in kws
-]
+_KEYWORD_TAGS = [(kw, tag_for_keyword(kw)) for kws in INDEXED_ATTRIBUTES.values() for kw in kws]
+_READ_TAGS = [tag for _, tag in _KEYWORD_TAGS] + [tag_for_keyword("SpecificCharacterSet")]
+_PIXEL_DATA_GROUP = 0x7FE0
+
+
+def _before_pixels(tag: Any, vr: Any, length: int) -> bool:
+    return bool(tag.group >= _PIXEL_DATA_GROUP)
+
+
+def _read_header(fp: BinaryIO, transfer_syntax: str) -> pydicom.Dataset:
+    """The dataset's elements before the pixel data, read from fp (at the dataset start).
+
+    Reads on from the file meta already parsed instead of a second dcmread: this runs once
+    per received instance. Deflated and unknown syntaxes take pydicom's full reader.
+    """
+    uid = pydicom.uid.UID(transfer_syntax)
+    if uid.is_transfer_syntax and not uid.is_deflated:
+        ds = read_dataset(fp, uid.is_implicit_VR, uid.is_little_endian,
+                          stop_when=_before_pixels, specific_tags=_READ_TAGS)
+        ds.set_original_encoding(uid.is_implicit_VR, uid.is_little_endian, ds._character_set)
+        return ds
+    fp.seek(0)
+    return pydicom.dcmread(fp, stop_before_pixels=True, specific_tags=_READ_TAGS)
 
 
 @dataclass
@@ -111,8 +129,7 @@ def read_instance_info(path: Path) -> InstanceInfo:
             transfer_syntax = clean_uid(meta.get("TransferSyntaxUID"))
             if not transfer_syntax:
                 raise InvalidDicomError("the file meta has no Transfer Syntax UID")
-            fp.seek(0)
-            ds = pydicom.dcmread(fp, stop_before_pixels=True, specific_tags=_READ_TAGS)
+            ds = _read_header(fp, transfer_syntax)
     except OSError as exc:
         raise InvalidDicomError(f"cannot read {path}: {exc.strerror or exc}") from exc
     except InvalidDicomError:
@@ -120,9 +137,8 @@ def read_instance_info(path: Path) -> InstanceInfo:
     except Exception as exc:
         raise InvalidDicomError(f"unreadable DICOM dataset: {exc}") from exc
     try:
-        attributes = {
-            kw: _text(ds.get(kw)) for kws in INDEXED_ATTRIBUTES.values() for kw in kws
-        }
+        attributes = {kw: _text(ds[tag].value) if tag in ds else None
+                      for kw, tag in _KEYWORD_TAGS}
     except Exception as exc:  # a value that does not decode under its VR
         raise InvalidDicomError(f"unreadable attribute value: {exc}") from exc
     study_uid = require_safe_uid(attributes["StudyInstanceUID"], "StudyInstanceUID")

@@ -5,7 +5,6 @@ arguments (pynetdicom's event-handler design); every stored instance goes throug
 from __future__ import annotations
 
 import logging
-import tempfile
 import threading
 import time
 from collections.abc import Callable
@@ -13,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from pydicom.uid import AllTransferSyntaxes
-from pynetdicom import _config, evt
+from pynetdicom import evt
 from pynetdicom.sop_class import Verification
 from pynetdicom.transport import ThreadedAssociationServer
 
@@ -21,6 +20,7 @@ from pacscli.archive.archive import Archive
 from pacscli.config import Settings
 from pacscli.errors import InvalidDicomError, OutOfResourcesError, PacsError
 from pacscli.net.ae import NODELAY_HANDLER, make_ae
+from pacscli.net.receive import install_staging_receiver, receive_error
 from pacscli.net.sop_classes import storage_sop_classes
 from pacscli.records import Record, failed
 
@@ -46,6 +46,9 @@ def handle_store(event: evt.Event, archive: Archive, emit: RecordSink) -> int:
     base: Record = {"remote": _peer(event),
                     "SOPInstanceUID": str(event.request.AffectedSOPInstanceUID or "").strip()}
     try:
+        error = receive_error(event.request)
+        if error is not None:
+            raise OutOfResourcesError(f"cannot receive into the archive: {error.strerror or error}")
         result = archive.put(Path(event.dataset_path), source_aet=calling, rewrite_meta=True)
     except OutOfResourcesError as exc:
         log.error("out of resources storing %s: %s", base["SOPInstanceUID"], exc.message)
@@ -72,10 +75,8 @@ class DicomServer:
         self.emit = emit
         self._server: ThreadedAssociationServer | None = None
         # Receive each dataset in chunks straight to a file in the archive's staging folder
-        # (same filesystem), never whole in memory. pynetdicom's chunked receive writes to
-        # tempfile's folder, which is process-wide: serve owns its process.
-        _config.STORE_RECV_CHUNKED_DATASET = True
-        tempfile.tempdir = str(archive.staging)
+        # (same filesystem), never whole in memory.
+        install_staging_receiver(archive.staging)
         self.ae = make_ae(settings)
         serve = settings.serve
         self.ae.maximum_associations = serve.max_associations
@@ -93,6 +94,7 @@ class DicomServer:
             NODELAY_HANDLER,
             (evt.EVT_C_STORE, handle_store, [self.archive, self.emit]),
             (evt.EVT_REJECTED, _log_rejected),
+            (evt.EVT_ACSE_RECV, prefer_requestor_order),
         ]
         try:
             self._server = self.ae.start_server((bind, port), block=False, evt_handlers=handlers)
@@ -113,12 +115,41 @@ class DicomServer:
             return
         self._server.shutdown()
         deadline = time.monotonic() + grace
-        while self._server.active_associations and time.monotonic() < deadline:
+        # Wait for associations with transfers in flight; one still negotiating (or a bare
+        # TCP probe, which pynetdicom keeps until its ACSE timeout) has nothing to lose.
+        while time.monotonic() < deadline and any(
+                a.is_established for a in self._server.active_associations):
             time.sleep(0.05)
         for assoc in self._server.active_associations:
-            log.warning("aborting association with %s at shutdown", assoc.requestor.ae_title)
-            assoc.abort()
+            if assoc.is_established:
+                log.warning("aborting association with %s at shutdown", assoc.requestor.ae_title)
+                assoc.abort()
+            assoc.dul.kill_dul()  # its thread is not a daemon: it would hold the exit
         self._server = None
+
+
+def prefer_requestor_order(event: evt.Event) -> None:
+    """EVT_ACSE_RECV: accept, of the syntaxes a sender proposes, the first it lists.
+
+    pynetdicom picks by the acceptor's order; a PACS should keep what the modality encoded,
+    so before negotiation this association's copy of our contexts is reordered to follow
+    the request's order.
+    """
+    primitive = event.primitive
+    requested = getattr(primitive, "presentation_context_definition_list", None)
+    if not requested or getattr(primitive, "result", None) is not None:
+        return  # not an A-ASSOCIATE request
+    wanted: dict[str, list[str]] = {}
+    for context in requested:
+        order = wanted.setdefault(str(context.abstract_syntax), [])
+        order.extend(str(ts) for ts in context.transfer_syntax if str(ts) not in order)
+    for context in event.assoc.acceptor.supported_contexts:
+        order = wanted.get(str(context.abstract_syntax))
+        if order:
+            ours = list(context.transfer_syntax)
+            first = [ts for ts in ours if ts in order]
+            first.sort(key=order.index)
+            context._transfer_syntax = first + [ts for ts in ours if ts not in order]
 
 
 def _log_rejected(event: evt.Event) -> None:

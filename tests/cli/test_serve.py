@@ -1,0 +1,358 @@
+"""`pacs serve` against real senders: DCMTK's dcmsend/storescu/echoscu and pynetdicom SCUs."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import time
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
+from pynetdicom import AE
+
+from scripts.benchdata import make_ct_series
+from tests.conftest import DCMTK_ENV, TESTDATA, Server, require, start_server, testdata
+
+
+def records(server: Server) -> list[dict[str, object]]:
+    return [json.loads(line) for line in server.stdout().splitlines() if line.strip()]
+
+
+def index_rows(archive: Path) -> list[tuple[str, str, int, str]]:
+    with sqlite3.connect(archive / "index.sqlite") as conn:
+        return conn.execute("SELECT SOPInstanceUID, path, size, sha256 FROM instances").fetchall()
+
+
+def archived_files(archive: Path) -> list[Path]:
+    return sorted(p for p in (archive / "studies").rglob("*") if p.is_file())
+
+
+def dcmsend(server: Server, *paths: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [require("dcmsend"), "-aec", server.aet, "127.0.0.1", str(server.port), *map(str, paths)],
+        capture_output=True, text=True, env=DCMTK_ENV, timeout=120,
+    )
+
+
+def make_pdf(folder: Path) -> Path:
+    """An Encapsulated PDF instance (pydicom ships none)."""
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.104.1"
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
+    ds.StudyInstanceUID, ds.SeriesInstanceUID = generate_uid(), generate_uid()
+    ds.PatientName, ds.PatientID, ds.Modality = "PDF^Test", "PDF1", "DOC"
+    ds.MIMETypeOfEncapsulatedDocument = "application/pdf"
+    ds.EncapsulatedDocument = b"%PDF-1.4\n1 0 obj<<>>endobj\ntrailer<<>>\n%%EOF\n"
+    path = folder / "pdf.dcm"
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+def assert_same_dataset(stored: Dataset, sent: Dataset, name: str) -> None:
+    """Every element equal; when the sender converted between uncompressed syntaxes (DCMTK
+    turns big endian into little endian), the pixel values rather than the bytes."""
+    sent.pop(0xFFFCFFFC, None)  # DCMTK drops Data Set Trailing Padding when it sends
+    if stored.file_meta.TransferSyntaxUID != sent.file_meta.TransferSyntaxUID and "PixelData" in sent:
+        assert np.array_equal(stored.pixel_array, sent.pixel_array), name
+        del stored.PixelData, sent.PixelData
+    # Values, not VRs: DCMTK sends encapsulated pixel data that a file calls OW as OB.
+    assert [e.tag for e in stored] == [e.tag for e in sent], name
+    for elem in sent:
+        assert stored[elem.tag].value == elem.value, f"{name}: {elem.tag} differs"
+
+
+def test_echoscu_against_serve(server: Server) -> None:
+    result = subprocess.run([require("echoscu"), "-aec", "PACSCLI", "127.0.0.1", str(server.port)],
+                            capture_output=True, text=True, timeout=30)
+    assert result.returncode == 0, result.stderr
+
+
+def test_dcmsend_every_transfer_syntax_is_archived_as_sent(tmp_path: Path) -> None:
+    # Several test files share SOP Instance UIDs: with on_conflict=replace each send replaces
+    # the last, so each file is checked right after it arrives.
+    server = start_server(tmp_path / "serve", "--on-conflict", "replace")
+    try:
+        files = [testdata(key) for key in TESTDATA] + [make_pdf(tmp_path)]
+        for path in files:
+            result = dcmsend(server, path)
+            assert result.returncode == 0, f"{path.name}: {result.stderr}"
+            sent = pydicom.dcmread(path)
+            sop_uid = str(sent.SOPInstanceUID).strip()
+            rows = [r for r in index_rows(server.archive) if r[0] == sop_uid]
+            assert len(rows) == 1, path.name
+            stored = pydicom.dcmread(server.archive / rows[0][1])
+            if sent.file_meta.TransferSyntaxUID.is_compressed:
+                # DCMTK may convert between uncompressed syntaxes; compressed data must stay.
+                assert stored.file_meta.TransferSyntaxUID == sent.file_meta.TransferSyntaxUID
+            assert_same_dataset(stored, sent, path.name)
+            assert stored.file_meta.SourceApplicationEntityTitle.strip() == "DCMSEND"
+    finally:
+        assert server.stop() == 0
+    recs = records(server)
+    assert recs and all(r["status"] == "ok" for r in recs), recs
+    assert not list((server.archive / ".staging").rglob("*.dcm"))
+
+
+def test_received_file_keeps_the_dataset_bytes(server: Server) -> None:
+    """Stored as received: the bytes after our file meta are exactly the ones on the wire.
+
+    pynetdicom's chunked send puts a file's dataset bytes on the wire unchanged (DCMTK
+    re-encodes, dropping trailing padding), so the comparison is with the file itself.
+    """
+    from pynetdicom import _config
+
+    path = testdata("jpeg_2000")
+    _config.STORE_SEND_CHUNKED_DATASET = True
+    try:
+        ae = AE(ae_title="MODALITY")
+        ae.add_requested_context(pydicom.dcmread(path).SOPClassUID,
+                                 pydicom.dcmread(path).file_meta.TransferSyntaxUID)
+        assoc = ae.associate("127.0.0.1", server.port, ae_title="PACSCLI")
+        assert assoc.send_c_store(path).Status == 0x0000
+        assoc.release()
+    finally:
+        _config.STORE_SEND_CHUNKED_DATASET = False
+    (sop, rel, size, _), = index_rows(server.archive)
+    stored_path = server.archive / rel
+    original_body = path.read_bytes()[_dataset_offset(path):]
+    assert stored_path.read_bytes()[_dataset_offset(stored_path):] == original_body
+    assert size == stored_path.stat().st_size
+
+
+def _dataset_offset(path: Path) -> int:
+    from pacscli.dicom.identity import read_file_meta
+
+    with path.open("rb") as fp:
+        return read_file_meta(fp)[1]
+
+
+def test_resend_is_idempotent_and_conflict_policy_keep(server: Server, tmp_path: Path) -> None:
+    path = testdata("explicit_le")
+    assert dcmsend(server, path).returncode == 0
+    assert dcmsend(server, path).returncode == 0
+    changed = pydicom.dcmread(path)
+    changed.PatientName = "Changed^Name"
+    changed_path = tmp_path / "changed.dcm"
+    changed.save_as(changed_path)
+    assert dcmsend(server, changed_path).returncode == 0
+    time.sleep(0.3)
+    outcomes = [r["outcome"] for r in records(server)]
+    assert outcomes == ["stored", "duplicate", "kept"]
+    assert records(server)[2]["status"] == "warning"
+    (_, rel, _, _), = index_rows(server.archive)
+    assert str(pydicom.dcmread(server.archive / rel).PatientName) == "CompressedSamples^CT1"
+    assert len(archived_files(server.archive)) == 1
+
+
+def test_conflict_policy_replace_keeps_the_old_version_aside(tmp_path: Path) -> None:
+    server = start_server(tmp_path / "serve", "--on-conflict", "replace")
+    try:
+        path = testdata("explicit_le")
+        changed = pydicom.dcmread(path)
+        changed.PatientName = "Changed^Name"
+        changed.save_as(tmp_path / "changed.dcm")
+        assert dcmsend(server, path).returncode == 0
+        assert dcmsend(server, tmp_path / "changed.dcm").returncode == 0
+        (_, rel, _, _), = index_rows(server.archive)
+        assert str(pydicom.dcmread(server.archive / rel).PatientName) == "Changed^Name"
+        aside = list((server.archive / ".replaced").iterdir())
+        assert len(aside) == 1
+        assert str(pydicom.dcmread(aside[0]).PatientName) == "CompressedSamples^CT1"
+    finally:
+        server.stop()
+    assert [r["outcome"] for r in records(server)] == ["stored", "replaced"]
+
+
+@pytest.mark.parametrize("field,value", [
+    ("StudyInstanceUID", "../../x"),
+    ("SeriesInstanceUID", ".."),
+    ("SOPInstanceUID", "1.2/3"),
+    ("StudyInstanceUID", "1." + "2" * 63),
+    ("SeriesInstanceUID", "1..2"),
+])
+def test_unsafe_uids_are_refused_and_nothing_is_written(tmp_path: Path, server: Server,
+                                                        field: str, value: str) -> None:
+    ds = pydicom.dcmread(testdata("explicit_le"))
+    setattr(ds, field, value)
+    before = {p for p in tmp_path.rglob("*") if ".staging" not in p.parts}
+    ae = AE(ae_title="EVIL")
+    ae.add_requested_context(CTImageStorage, ExplicitVRLittleEndian)
+    assoc = ae.associate("127.0.0.1", server.port, ae_title="PACSCLI")
+    assert assoc.is_established
+    status = assoc.send_c_store(ds)
+    assoc.release()
+    assert status.Status == 0xC000
+    after = {p for p in tmp_path.rglob("*") if ".staging" not in p.parts}
+    new = {p for p in after - before if p.name not in {"index.sqlite-wal", "index.sqlite-shm"}}
+    assert new == set(), new
+    assert index_rows(server.archive) == []
+    assert not list((server.archive / ".staging").rglob("*.dcm"))
+    time.sleep(0.2)
+    (record,) = records(server)
+    assert record["status"] == "failed" and record["error"]["code"] == "unsafe-uid"  # type: ignore[index]
+
+
+def test_dirty_uids_are_stored_under_the_datasets_own_uid(tmp_path: Path, server: Server) -> None:
+    """Leading zeros and space padding are tolerated; the dataset's UID names the instance."""
+    ds = pydicom.dcmread(testdata("explicit_le"))
+    ds.SOPInstanceUID = "1.2.03.4 "
+    ds.SeriesInstanceUID = "1.2.3.005"
+    ae = AE(ae_title="MODALITY")
+    ae.add_requested_context(CTImageStorage, ExplicitVRLittleEndian)
+    assoc = ae.associate("127.0.0.1", server.port, ae_title="PACSCLI")
+    # The command names another instance than the dataset, as broken devices do.
+    ds.file_meta.MediaStorageSOPInstanceUID = "1.2.999"
+    status = assoc.send_c_store(ds)
+    assoc.release()
+    assert status.Status == 0x0000
+    (sop, rel, _, _), = index_rows(server.archive)
+    assert sop == "1.2.03.4"
+    stored = pydicom.dcmread(server.archive / rel)
+    assert stored.file_meta.MediaStorageSOPInstanceUID == "1.2.03.4"
+    assert rel.endswith("/1.2.3.005/1.2.03.4.dcm")
+
+
+def test_eight_concurrent_senders(tmp_path: Path, server: Server) -> None:
+    folders = []
+    for sender in range(8):
+        folder = tmp_path / f"sender{sender}"
+        make_ct_series(folder, 200, rows=16, cols=16)
+        folders.append(folder)
+    procs = [
+        subprocess.Popen(
+            [require("storescu"), "-aet", f"SENDER{n}", "-aec", "PACSCLI", "127.0.0.1",
+             str(server.port), "+sd", str(folder), "+sp", "*.dcm"],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=DCMTK_ENV)
+        for n, folder in enumerate(folders)
+    ]
+    for proc in procs:
+        _, err = proc.communicate(timeout=300)
+        assert proc.returncode == 0, err
+    rows = index_rows(server.archive)
+    assert len(rows) == 1600
+    assert len({r[0] for r in rows}) == 1600
+    assert len(archived_files(server.archive)) == 1600
+    assert server.stop() == 0
+    recs = records(server)
+    assert len(recs) == 1600 and all(r["status"] == "ok" for r in recs)
+
+
+def test_sigkill_mid_transfer_leaves_no_partial_file(tmp_path: Path) -> None:
+    big = tmp_path / "big"
+    make_ct_series(big, 1, rows=8192, cols=8192)  # one 128 MiB instance
+    small = tmp_path / "small"
+    make_ct_series(small, 3, rows=16, cols=16)
+    archive = tmp_path / "archive"
+    server = start_server(tmp_path / "serve1", archive=archive)
+    assert dcmsend(server, *sorted(small.iterdir())).returncode == 0
+    sender = subprocess.Popen(
+        [require("dcmsend"), "-aec", "PACSCLI", "127.0.0.1", str(server.port),
+         str(next(big.iterdir()))], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        env=DCMTK_ENV)
+    deadline = time.monotonic() + 60
+    staging = archive / ".staging" / str(server.proc.pid)
+    while time.monotonic() < deadline:
+        partial = [p for p in staging.glob("*.dcm") if p.stat().st_size > 1_000_000]
+        if partial:
+            break
+        time.sleep(0.01)
+    else:
+        pytest.fail("the big instance never started to arrive")
+    server.proc.send_signal(signal.SIGKILL)
+    server.proc.wait()
+    sender.communicate(timeout=60)
+    restarted = start_server(tmp_path / "serve2", archive=archive)
+    try:
+        rows = index_rows(archive)
+        files = archived_files(archive)
+        assert len(rows) == 3 and len(files) == 3
+        assert {archive / r[1] for r in rows} == set(files)
+        for _, rel, size, _ in rows:
+            assert (archive / rel).stat().st_size == size
+        # the dead process's staging folder is cleaned when the archive is opened again
+        assert not staging.exists()
+    finally:
+        restarted.stop()
+
+
+def test_sigterm_lets_the_transfer_in_flight_finish(tmp_path: Path) -> None:
+    big = tmp_path / "big"
+    make_ct_series(big, 1, rows=4096, cols=4096)  # 32 MiB
+    server = start_server(tmp_path / "serve")
+    sender = subprocess.Popen(
+        [require("dcmsend"), "-aec", "PACSCLI", "127.0.0.1", str(server.port),
+         str(next(big.iterdir()))], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=DCMTK_ENV)
+    staging = server.archive / ".staging" / str(server.proc.pid)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and not any(
+            p.stat().st_size > 0 for p in staging.glob("*.dcm")):
+        time.sleep(0.005)
+    started = time.monotonic()
+    server.proc.send_signal(signal.SIGTERM)
+    _, err = sender.communicate(timeout=60)
+    assert sender.returncode == 0, err
+    assert server.proc.wait(timeout=15) == 0
+    assert time.monotonic() - started < 15
+    assert len(index_rows(server.archive)) == 1
+
+
+def test_disk_full_answers_out_of_resources(tmp_path: Path) -> None:
+    mount = tmp_path / "small-disk"
+    mount.mkdir()
+    result = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", str(mount)],
+                            capture_output=True, text=True)
+    if result.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here: {result.stderr.strip()}")
+    try:
+        archive = mount / "archive"
+        server = start_server(tmp_path / "serve", archive=archive)
+        try:
+            small = tmp_path / "small"
+            make_ct_series(small, 1, rows=16, cols=16)
+            assert dcmsend(server, next(small.iterdir())).returncode == 0
+            big = tmp_path / "big"
+            make_ct_series(big, 1, rows=1024, cols=1024)  # 2 MiB: the copy cannot fit
+            ds_big = pydicom.dcmread(next(big.iterdir()))
+            ae = AE(ae_title="MODALITY")
+            ae.add_requested_context(CTImageStorage, ExplicitVRLittleEndian)
+            assoc = ae.associate("127.0.0.1", server.port, ae_title="PACSCLI")
+            status = assoc.send_c_store(ds_big)
+            assoc.release()
+            assert status.Status == 0xA700
+            rows = index_rows(archive)
+            assert len(rows) == 1  # the index is untouched by the failure
+            assert len(archived_files(archive)) == 1
+            assert not any(p.stat().st_size for p in (archive / ".staging").rglob("*.dcm"))
+        finally:
+            server.stop()
+        failed = [r for r in records(server) if r["status"] == "failed"]
+        assert failed and failed[0]["error"]["code"] == "out-of-resources"  # type: ignore[index]
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def test_allow_rejects_unknown_calling_ae(tmp_path: Path) -> None:
+    server = start_server(tmp_path / "serve", "--allow", "GOODAE")
+    try:
+        bad = subprocess.run([require("echoscu"), "-aet", "BADAE", "-aec", "PACSCLI",
+                              "127.0.0.1", str(server.port)], capture_output=True, text=True,
+                             timeout=30)
+        assert bad.returncode != 0
+        assert "Calling AE Title Not Recognized" in bad.stdout + bad.stderr
+        good = subprocess.run([require("echoscu"), "-aet", "GOODAE", "-aec", "PACSCLI",
+                               "127.0.0.1", str(server.port)], capture_output=True, text=True,
+                              timeout=30)
+        assert good.returncode == 0, good.stderr
+    finally:
+        server.stop()
