@@ -47,12 +47,23 @@ def make_ae(settings: Settings, ae_title: str | None = None) -> AE:
     return ae
 
 
-def _rejection_text(primitive: Any) -> str:
-    """'rejected (permanent) by the service user: called AE title not recognised'."""
+def _plain(text: object) -> str:
+    """Words in lower case for a sentence, acronyms kept: 'Called AE title' -> 'called AE title'."""
+    return " ".join(w if w.isupper() else w.lower() for w in str(text).split())
+
+
+def _rejection_text(primitive: Any, ae_title: str, remote: Remote) -> str:
+    """'rejected permanent by the service user: called AE title not recognised (...)'."""
     result = getattr(primitive, "result_str", "rejected")
     source = getattr(primitive, "source_str", "unknown source")
     reason = getattr(primitive, "reason_str", "no reason given")
-    return f"{str(result).lower()} by the {str(source).lower()}: {str(reason).lower()}"
+    text = f"{_plain(result)} by the {_plain(source)}: {_plain(reason)}"
+    why = (getattr(primitive, "result_source", None), getattr(primitive, "diagnostic", None))
+    if why == (1, 3):
+        text += f" (the peer does not accept our AE title {ae_title!r})"
+    elif why == (1, 7):
+        text += f" (the peer does not answer to the AE title {remote.ae_title!r})"
+    return text
 
 
 def diagnose_connection(remote: Remote, timeout: float) -> str:
@@ -63,7 +74,7 @@ def diagnose_connection(remote: Remote, timeout: float) -> str:
         return f"cannot resolve host {remote.host!r}: {exc.strerror}"
     address = infos[0][4]
     try:
-        with socket.create_connection(address[:2], timeout=timeout):
+        with socket.create_connection((str(address[0]), int(address[1])), timeout=timeout):
             return (
                 f"TCP connection to {remote.host}:{remote.port} works, but the peer did not "
                 "answer the association request (is it a DICOM service? TLS expected?)"
@@ -124,9 +135,18 @@ def associate(
         return assoc
     if assoc.is_rejected:
         reply = next((p for p in received if hasattr(p, "reason_str")), None)
-        detail = _rejection_text(reply) if reply is not None else "rejected"
+        detail = (_rejection_text(reply, ae.ae_title, remote) if reply is not None
+                  else "rejected")
         raise NetworkError(f"association rejected by {remote}: {detail}",
                            code="association-rejected")
+    if assoc.rejected_contexts and not assoc.accepted_contexts:
+        # pynetdicom aborts an association accepted with no presentation context.
+        refused = [f"{cx.abstract_syntax.name}: {_plain(cx.status)}"
+                   for cx in assoc.rejected_contexts]
+        more = f"; and {len(refused) - 3} more" if len(refused) > 3 else ""
+        raise NetworkError(f"{remote} accepted the association but none of the presentation "
+                           f"contexts offered ({'; '.join(refused[:3])}{more})",
+                           code="no-accepted-context")
     if not connected:
         raise NetworkError(f"cannot associate with {remote}: "
                            f"{diagnose_connection(remote, ae.connection_timeout or 10)}",

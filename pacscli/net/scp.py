@@ -144,7 +144,7 @@ def prefer_requestor_order(event: evt.Event) -> None:
         order = wanted.setdefault(str(context.abstract_syntax), [])
         order.extend(str(ts) for ts in context.transfer_syntax if str(ts) not in order)
     for context in event.assoc.acceptor.supported_contexts:
-        order = wanted.get(str(context.abstract_syntax))
+        order = wanted.get(str(context.abstract_syntax), [])
         if order:
             ours = list(context.transfer_syntax)
             first = [ts for ts in ours if ts in order]

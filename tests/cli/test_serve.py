@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
 import sqlite3
 import subprocess
@@ -123,7 +122,7 @@ def test_received_file_keeps_the_dataset_bytes(server: Server) -> None:
         assoc.release()
     finally:
         _config.STORE_SEND_CHUNKED_DATASET = False
-    (sop, rel, size, _), = index_rows(server.archive)
+    (_, rel, size, _), = index_rows(server.archive)
     stored_path = server.archive / rel
     original_body = path.read_bytes()[_dataset_offset(path):]
     assert stored_path.read_bytes()[_dataset_offset(stored_path):] == original_body

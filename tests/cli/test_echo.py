@@ -1,0 +1,270 @@
+"""`pacs echo` against real peers on loopback: DCMTK storescp and echoscu, `pacs serve`, and
+pynetdicom SCPs that misbehave on purpose (failure status, no answer, abort)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.conftest import (
+    DCMTK_ENV,
+    Server,
+    free_port,
+    pacs_cmd,
+    require,
+    start_server,
+    wait_for_port,
+)
+
+VERIFICATION = "1.2.840.10008.1.1"
+
+# A storescp profile that accepts CT images only: no Verification.
+CT_ONLY_PROFILE = """\
+[[TransferSyntaxes]]
+[Uncompressed]
+TransferSyntax1 = LocalEndianExplicit
+TransferSyntax2 = LittleEndianImplicit
+[[PresentationContexts]]
+[CTOnly]
+PresentationContext1 = CTImageStorage\\Uncompressed
+[[Profiles]]
+[CTOnly]
+PresentationContexts = CTOnly
+"""
+
+
+def pacs_echo(tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    """Run `pacs echo ARGS` with an empty config, stdout a pipe (so JSON lines)."""
+    config = tmp_path / "config.toml"
+    if not config.exists():
+        config.write_text("")
+    return subprocess.run(pacs_cmd("echo", *args), capture_output=True, text=True, timeout=120,
+                          stdin=subprocess.DEVNULL, env={**os.environ, "PACS_CONFIG": str(config)})
+
+
+def records(result: subprocess.CompletedProcess[str]) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in result.stdout.splitlines()]
+
+
+def start_storescp(tmp_path: Path, *extra: str) -> Iterator[int]:
+    """DCMTK storescp (AE title STORESCP) on a free port, stopped afterwards."""
+    port = free_port()
+    workdir = tmp_path / f"storescp-{port}"
+    workdir.mkdir()
+    proc = subprocess.Popen([require("storescp"), "--aetitle", "STORESCP", *extra, str(port)],
+                            cwd=workdir, env=DCMTK_ENV, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL)
+    try:
+        wait_for_port(port, proc=proc)
+        yield port
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+@pytest.fixture
+def storescp(tmp_path: Path) -> Iterator[int]:
+    yield from start_storescp(tmp_path)
+
+
+@pytest.fixture
+def allow_server(tmp_path: Path) -> Iterator[Server]:
+    """`pacs serve --allow GOODAE`."""
+    srv = start_server(tmp_path / "serve", "--allow", "GOODAE")
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture
+def echo_scp() -> Iterator[Callable[[Callable[[Any], int]], int]]:
+    """Start pynetdicom Verification SCPs (AE title PEER) with a given C-ECHO handler."""
+    from pynetdicom import AE, evt
+
+    servers: list[Any] = []
+
+    def start(handler: Callable[[Any], int]) -> int:
+        ae = AE(ae_title="PEER")
+        ae.add_supported_context(VERIFICATION)
+        port = free_port()
+        servers.append(ae.start_server(("127.0.0.1", port), block=False,
+                                       evt_handlers=[(evt.EVT_C_ECHO, handler)]))
+        return port
+
+    yield start
+    for server in servers:
+        server.shutdown()
+
+
+# --- success ---------------------------------------------------------------------------------
+
+def test_dcmtk_echoscu_against_pacs_serve(server: Server) -> None:
+    result = subprocess.run([require("echoscu"), "-aec", "PACSCLI", "127.0.0.1", str(server.port)],
+                            capture_output=True, text=True, env=DCMTK_ENV, timeout=60)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_echo_storescp(tmp_path: Path, storescp: int) -> None:
+    result = pacs_echo(tmp_path, f"STORESCP@127.0.0.1:{storescp}")
+    assert result.returncode == 0, result.stderr
+    assert result.stderr == ""  # quiet in a pipe when all is well
+    [record] = records(result)
+    assert record["remote"] == f"STORESCP@127.0.0.1:{storescp}"
+    assert record["status"] == "ok"
+    assert record["echo"] == 1
+    assert record["dimse_status"] == 0
+    assert record["assoc_ms"] > 0
+    assert record["rtt_ms"] > 0
+    assert isinstance(record["max_pdu"], int) and record["max_pdu"] > 0
+    assert record["implementation_class_uid"].startswith("1.2.276.0.7230010")
+    assert record["implementation_version_name"].startswith("OFFIS_DCMTK")
+
+
+def test_echo_count_on_one_association_with_summary(tmp_path: Path, storescp: int) -> None:
+    result = pacs_echo(tmp_path, f"STORESCP@127.0.0.1:{storescp}", "--count", "3", "-v")
+    assert result.returncode == 0, result.stderr
+    recs = records(result)
+    assert [r["echo"] for r in recs] == [1, 2, 3]
+    assert all(r["status"] == "ok" and r["rtt_ms"] > 0 for r in recs)
+    assert len({r["assoc_ms"] for r in recs}) == 1  # one association for all three
+    assert "3 echoes ok" in result.stderr  # -v: the summary on stderr
+    assert "OFFIS_DCMTK" in result.stderr
+
+
+def test_echo_interval_and_table(tmp_path: Path, server: Server) -> None:
+    started = time.monotonic()
+    result = pacs_echo(tmp_path, server.remote, "--count", "2", "--interval", "0.5",
+                       "--format", "table")
+    assert result.returncode == 0, result.stderr
+    assert time.monotonic() - started >= 0.5
+    lines = result.stdout.splitlines()
+    assert len(lines) == 2 and lines[0].startswith("1  ok") and "PACSCLI_010" in lines[0]
+
+
+def test_echo_configured_remote_name(tmp_path: Path, server: Server) -> None:
+    (tmp_path / "config.toml").write_text(
+        f'[remotes.archive]\nae_title = "PACSCLI"\nhost = "127.0.0.1"\nport = {server.port}\n')
+    result = pacs_echo(tmp_path, "archive")
+    assert result.returncode == 0, result.stderr
+    assert records(result)[0]["remote"] == server.remote
+
+
+# --- could not connect: exit 3 ---------------------------------------------------------------
+
+def test_echo_connection_refused(tmp_path: Path) -> None:
+    result = pacs_echo(tmp_path, f"X@127.0.0.1:{free_port()}")
+    assert result.returncode == 3
+    assert "pacs: error:" in result.stderr and "connection refused" in result.stderr
+    [record] = records(result)  # the failure is a record too, for the pipe
+    assert record["status"] == "failed" and record["error"]["code"] == "connection-failed"
+
+
+def test_echo_unresolvable_host(tmp_path: Path) -> None:
+    result = pacs_echo(tmp_path, "X@no-such-host.invalid:104")
+    assert result.returncode == 3
+    assert "cannot resolve host 'no-such-host.invalid'" in result.stderr
+
+
+def test_dcmtk_echoscu_rejected_by_allow_list(allow_server: Server) -> None:
+    echoscu = require("echoscu")
+    bad = subprocess.run([echoscu, "-aet", "BADAE", "-aec", "PACSCLI", "127.0.0.1",
+                          str(allow_server.port)], capture_output=True, text=True, timeout=60)
+    assert bad.returncode != 0
+    assert "calling ae title not recogni" in (bad.stdout + bad.stderr).lower()
+    good = subprocess.run([echoscu, "-aet", "GOODAE", "-aec", "PACSCLI", "127.0.0.1",
+                           str(allow_server.port)], capture_output=True, text=True, timeout=60)
+    assert good.returncode == 0, good.stdout + good.stderr
+
+
+def test_echo_calling_aet_rejected(tmp_path: Path, allow_server: Server) -> None:
+    result = pacs_echo(tmp_path, allow_server.remote, "--aet", "BADAE")
+    assert result.returncode == 3
+    assert f"association rejected by {allow_server.remote}" in result.stderr
+    assert "rejected permanent by the service user" in result.stderr
+    assert "calling AE title not recognised" in result.stderr
+    assert "'BADAE'" in result.stderr
+    assert records(result)[0]["error"]["code"] == "association-rejected"
+    assert pacs_echo(tmp_path, allow_server.remote, "--aet", "GOODAE").returncode == 0
+
+
+def test_echo_called_aet_rejected(tmp_path: Path, server: Server) -> None:
+    result = pacs_echo(tmp_path, f"WRONG@127.0.0.1:{server.port}")
+    assert result.returncode == 3
+    assert "called AE title not recognised" in result.stderr
+    assert "'WRONG'" in result.stderr
+
+
+def test_echo_verification_not_accepted(tmp_path: Path) -> None:
+    profile = tmp_path / "ct-only.cfg"
+    profile.write_text(CT_ONLY_PROFILE)
+    for port in start_storescp(tmp_path, "-xf", str(profile), "CTOnly"):
+        result = pacs_echo(tmp_path, f"STORESCP@127.0.0.1:{port}")
+        assert result.returncode == 3
+        assert "none of the presentation contexts" in result.stderr
+        assert "Verification SOP Class: abstract syntax not supported" in result.stderr
+        assert records(result)[0]["error"]["code"] == "no-accepted-context"
+
+
+def test_echo_dimse_timeout(tmp_path: Path, echo_scp: Callable[..., int]) -> None:
+    def slow(event: Any) -> int:
+        time.sleep(3)
+        return 0x0000
+
+    result = pacs_echo(tmp_path, f"PEER@127.0.0.1:{echo_scp(slow)}", "--timeout", "0.5")
+    assert result.returncode == 3
+    assert "no C-ECHO response within 0.5 s (DIMSE timeout)" in result.stderr
+    [record] = records(result)
+    assert record["error"]["code"] == "dimse-timeout" and record["echo"] == 1
+
+
+def test_echo_peer_aborts(tmp_path: Path, echo_scp: Callable[..., int]) -> None:
+    def abort(event: Any) -> int:
+        event.assoc.abort()
+        return 0x0000
+
+    result = pacs_echo(tmp_path, f"PEER@127.0.0.1:{echo_scp(abort)}", "--count", "2")
+    assert result.returncode == 3
+    assert "the peer aborted the association" in result.stderr
+    assert records(result)[-1]["error"]["code"] == "association-aborted"
+
+
+def test_echo_peer_aborts_between_echoes(tmp_path: Path, echo_scp: Callable[..., int]) -> None:
+    def then_abort(event: Any) -> int:
+        threading.Timer(0.2, event.assoc.abort).start()
+        return 0x0000
+
+    result = pacs_echo(tmp_path, f"PEER@127.0.0.1:{echo_scp(then_abort)}", "--count", "2",
+                       "--interval", "1")
+    assert result.returncode == 3
+    assert "the peer aborted the association" in result.stderr
+    assert "before echo 2" in result.stderr
+    assert [r["status"] for r in records(result)] == ["ok", "failed"]
+
+
+# --- the peer answered with a failure: exit 4 ------------------------------------------------
+
+def test_echo_failure_status(tmp_path: Path, echo_scp: Callable[..., int]) -> None:
+    port = echo_scp(lambda event: 0x0122)
+    result = pacs_echo(tmp_path, f"PEER@127.0.0.1:{port}", "--count", "3")
+    assert result.returncode == 4
+    assert "failure status 0x0122 (Refused: SOP Class Not Supported)" in result.stderr
+    [record] = records(result)  # stops at the first failure
+    assert record["status"] == "failed" and record["dimse_status"] == 0x0122
+    assert record["error"]["code"] == "echo-failed"
+
+
+# --- the core stays a library ----------------------------------------------------------------
+
+def test_echo_core_does_not_load_cli_modules() -> None:
+    code = ("import sys, pacscli.net.echo; "
+            "assert not {'typer', 'rich'} & set(sys.modules), sorted(sys.modules)")
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+
