@@ -6,7 +6,9 @@ required and commonly used optional keys); the index schema is derived from it.
 
 from __future__ import annotations
 
+import zlib
 from dataclasses import dataclass, field
+from io import BytesIO
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -64,14 +66,18 @@ def _before_pixels(tag: Any, vr: Any, length: int) -> bool:
     return bool(tag.group >= _PIXEL_DATA_GROUP)
 
 
-def _read_header(fp: BinaryIO, transfer_syntax: str) -> pydicom.Dataset:
+def _read_header(fp: BinaryIO, transfer_syntax: str, *, part10: bool) -> pydicom.Dataset:
     """The dataset's elements before the pixel data, read from fp (at the dataset start).
 
     Reads on from the file meta already parsed instead of a second dcmread: this runs once
-    per received instance. Deflated and unknown syntaxes take pydicom's full reader.
+    per received instance. A deflated raw dataset is inflated first; in a Part 10 file,
+    deflated and unknown syntaxes take pydicom's full reader.
     """
     uid = pydicom.uid.UID(transfer_syntax)
-    if uid.is_transfer_syntax and not uid.is_deflated:
+    if uid.is_deflated and not part10:
+        fp = BytesIO(zlib.decompress(fp.read(), -zlib.MAX_WBITS))
+        uid = pydicom.uid.ExplicitVRLittleEndian
+    if not part10 or (uid.is_transfer_syntax and not uid.is_deflated):
         ds = read_dataset(fp, uid.is_implicit_VR, uid.is_little_endian,
                           stop_when=_before_pixels, specific_tags=_READ_TAGS)
         ds.set_original_encoding(uid.is_implicit_VR, uid.is_little_endian, ds._character_set)
@@ -129,22 +135,43 @@ def read_instance_info(path: Path) -> InstanceInfo:
             transfer_syntax = clean_uid(meta.get("TransferSyntaxUID"))
             if not transfer_syntax:
                 raise InvalidDicomError("the file meta has no Transfer Syntax UID")
-            ds = _read_header(fp, transfer_syntax)
+            ds = _read_header(fp, transfer_syntax, part10=True)
     except OSError as exc:
         raise InvalidDicomError(f"cannot read {path}: {exc.strerror or exc}") from exc
     except InvalidDicomError:
         raise
     except Exception as exc:
         raise InvalidDicomError(f"unreadable DICOM dataset: {exc}") from exc
+    return _instance_info(ds, transfer_syntax, offset, meta)
+
+
+def read_received_info(dataset: bytes | Path, transfer_syntax: str) -> InstanceInfo:
+    """Read the identity of a dataset received over the network: its bytes, or a raw
+    dataset file (no preamble or file meta) in `transfer_syntax`."""
+    try:
+        with BytesIO(dataset) if isinstance(dataset, bytes) else open(dataset, "rb") as fp:
+            ds = _read_header(fp, transfer_syntax, part10=False)
+    except OSError as exc:
+        raise InvalidDicomError(f"cannot read the received dataset: {exc.strerror or exc}") from exc
+    except Exception as exc:
+        raise InvalidDicomError(f"unreadable DICOM dataset: {exc}") from exc
+    return _instance_info(ds, transfer_syntax, 0, None)
+
+
+def _instance_info(ds: pydicom.Dataset, transfer_syntax: str, offset: int,
+                   meta: pydicom.dataset.FileMetaDataset | None) -> InstanceInfo:
+    """The InstanceInfo of a parsed header; checks the UIDs that will name files."""
     try:
         attributes = {kw: _text(ds[tag].value) if tag in ds else None
                       for kw, tag in _KEYWORD_TAGS}
+        charset = _text(ds["SpecificCharacterSet"].value) if "SpecificCharacterSet" in ds else None
     except Exception as exc:  # a value that does not decode under its VR
         raise InvalidDicomError(f"unreadable attribute value: {exc}") from exc
     study_uid = require_safe_uid(attributes["StudyInstanceUID"], "StudyInstanceUID")
     series_uid = require_safe_uid(attributes["SeriesInstanceUID"], "SeriesInstanceUID")
     sop_uid = require_safe_uid(attributes["SOPInstanceUID"], "SOPInstanceUID")
     attributes.update(StudyInstanceUID=study_uid, SeriesInstanceUID=series_uid, SOPInstanceUID=sop_uid)
+    meta = meta if meta is not None else pydicom.dataset.FileMetaDataset()
     sop_class = clean_uid(attributes["SOPClassUID"] or meta.get("MediaStorageSOPClassUID"))
     if not sop_class:
         raise InvalidDicomError("the instance has no SOP Class UID")
@@ -157,7 +184,7 @@ def read_instance_info(path: Path) -> InstanceInfo:
         sop_class_uid=sop_class,
         transfer_syntax=transfer_syntax,
         dataset_offset=offset,
-        specific_character_set=_text(ds.get("SpecificCharacterSet")),
+        specific_character_set=charset,
         attributes=attributes,
         meta_sop_uid=clean_uid(meta.get("MediaStorageSOPInstanceUID")) or None,
         source_aet=str(source).strip() if source else None,

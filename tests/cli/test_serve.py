@@ -306,10 +306,14 @@ def test_sigterm_lets_the_transfer_in_flight_finish(tmp_path: Path) -> None:
     assert len(index_rows(server.archive)) == 1
 
 
-def test_disk_full_answers_out_of_resources(tmp_path: Path) -> None:
+@pytest.mark.parametrize("rows", [
+    1024,  # 2 MiB: received in memory, the archive write fails
+    4096,  # 32 MiB: spilled to staging as it arrives, and that write fails
+])
+def test_disk_full_answers_out_of_resources(tmp_path: Path, rows: int) -> None:
     mount = tmp_path / "small-disk"
     mount.mkdir()
-    result = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", str(mount)],
+    result = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mount)],
                             capture_output=True, text=True)
     if result.returncode != 0:
         pytest.skip(f"cannot mount a small tmpfs here: {result.stderr.strip()}")
@@ -321,7 +325,7 @@ def test_disk_full_answers_out_of_resources(tmp_path: Path) -> None:
             make_ct_series(small, 1, rows=16, cols=16)
             assert dcmsend(server, next(small.iterdir())).returncode == 0
             big = tmp_path / "big"
-            make_ct_series(big, 1, rows=1024, cols=1024)  # 2 MiB: the copy cannot fit
+            make_ct_series(big, 1, rows=rows, cols=rows)
             ds_big = pydicom.dcmread(next(big.iterdir()))
             ae = AE(ae_title="MODALITY")
             ae.add_requested_context(CTImageStorage, ExplicitVRLittleEndian)
