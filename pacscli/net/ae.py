@@ -52,7 +52,7 @@ def _plain(text: object) -> str:
     return " ".join(w if w.isupper() else w.lower() for w in str(text).split())
 
 
-def _rejection_text(primitive: Any, ae_title: str, remote: Remote) -> str:
+def rejection_text(primitive: Any, ae_title: str, remote: Remote) -> str:
     """'rejected permanent by the service user: called AE title not recognised (...)'."""
     result = getattr(primitive, "result_str", "rejected")
     source = getattr(primitive, "source_str", "unknown source")
@@ -135,7 +135,7 @@ def associate(
         return assoc
     if assoc.is_rejected:
         reply = next((p for p in received if hasattr(p, "reason_str")), None)
-        detail = (_rejection_text(reply, ae.ae_title, remote) if reply is not None
+        detail = (rejection_text(reply, ae.ae_title, remote) if reply is not None
                   else "rejected")
         raise NetworkError(f"association rejected by {remote}: {detail}",
                            code="association-rejected")

@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import select
 import socket
 import struct
 import tempfile
@@ -38,7 +39,7 @@ from pynetdicom.pdu_primitives import (
 from pynetdicom.presentation import PresentationContext
 
 from pacscli import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
-from pacscli.net.dimse import Command, CommandError, decode_command
+from pacscli.net.dimse import C_CANCEL_RQ, Command, CommandError, decode_command
 
 log = logging.getLogger(__name__)
 
@@ -133,12 +134,14 @@ class Dataset:
 
 
 class Association:
-    """One accepted association: its socket, contexts and DIMSE message exchange."""
+    """One association, accepted or requested: its socket, contexts and DIMSE messages."""
 
-    def __init__(self, sock: socket.socket, address: tuple[str, int], server: AssociationServer):
+    def __init__(self, sock: socket.socket, address: tuple[str, int], *, max_pdu: int,
+                 staging: Path) -> None:
         self.sock = sock
         self.address = address
-        self.server = server
+        self.max_pdu = max_pdu  # what we advertised: P-DATA PDUs larger than this are refused
+        self.staging = staging  # where datasets too large for memory are received
         self.calling_aet = ""
         self.called_aet = ""
         self.contexts: dict[int, Context] = {}
@@ -147,6 +150,8 @@ class Association:
         self.established = False
         self.busy = False  # between the first PDV of a message and its response
         self._send_lock = threading.Lock()
+        self._message_id = 0
+        self.cancelled: set[int] = set()  # message IDs the peer sent C-CANCEL for
 
     # -- framing ---------------------------------------------------------------------------
 
@@ -165,15 +170,14 @@ class Association:
         """Read one PDU: its type and its body (without the 6-byte header)."""
         header = self._recv_exact(6)
         pdu_type, length = header[0], struct.unpack_from(">I", header, 2)[0]
-        if pdu_type == P_DATA_TF_TYPE and length > self.server.config.max_pdu:
+        if pdu_type == P_DATA_TF_TYPE and length > self.max_pdu:
             self.abort(ABORT_INVALID_PARAMETER)
-            raise AssociationClosed(f"P-DATA-TF of {length} bytes exceeds our maximum "
-                                    f"{self.server.config.max_pdu}")
+            raise AssociationClosed(f"P-DATA-TF of {length} bytes exceeds our maximum {self.max_pdu}")
         if pdu_type == A_ASSOCIATE_RQ_TYPE and length > MAX_ASSOCIATE_PDU:
             self.abort(ABORT_INVALID_PARAMETER)
             raise AssociationClosed(f"A-ASSOCIATE-RQ of {length} bytes exceeds 1 MiB")
-        if pdu_type not in (A_ASSOCIATE_RQ_TYPE, P_DATA_TF_TYPE, A_RELEASE_RQ_TYPE, A_ABORT_TYPE,
-                            A_RELEASE_RP_TYPE):
+        if pdu_type not in (A_ASSOCIATE_RQ_TYPE, A_ASSOCIATE_AC_TYPE, A_ASSOCIATE_RJ_TYPE,
+                            P_DATA_TF_TYPE, A_RELEASE_RQ_TYPE, A_RELEASE_RP_TYPE, A_ABORT_TYPE):
             self.abort(ABORT_UNRECOGNIZED_PDU)
             raise AssociationClosed(f"unrecognised PDU type 0x{pdu_type:02x}")
         return pdu_type, self._recv_exact(length)
@@ -195,7 +199,8 @@ class Association:
         self.close()
 
     def close(self) -> None:
-        """Close the socket."""
+        """Close the socket; the association is over."""
+        self.established = False
         with contextlib.suppress(OSError):
             self.sock.shutdown(socket.SHUT_RDWR)
         self.sock.close()
@@ -203,13 +208,29 @@ class Association:
     # -- DIMSE -------------------------------------------------------------------------------
 
     def send_message(self, context_id: int, command: bytes,
-                     dataset: bytes | memoryview | None = None) -> None:
-        """Send a DIMSE message: the command, then the dataset in PDVs that fit the peer."""
+                     dataset: bytes | memoryview | tuple[BinaryIO, int] | None = None) -> None:
+        """Send a DIMSE message: the command, then the dataset in PDVs that fit the peer.
+
+        The dataset is bytes, or an open file and how many bytes to send from its position
+        (streamed, so a 1 GB instance never sits in memory).
+        """
         self.send_pdu(P_DATA_TF_TYPE, struct.pack(">IBB", len(command) + 2, context_id, 0x03), command)
         if dataset is None:
             return
-        view = memoryview(dataset)
         step = max(self.peer_max_pdu - 6, 1024)
+        if isinstance(dataset, tuple):
+            source, remaining = dataset
+            while True:
+                wanted = min(step, remaining)
+                piece = source.read(wanted)
+                if len(piece) < wanted:
+                    raise OSError("the file ended before the dataset did")
+                remaining -= wanted
+                self.send_pdu(P_DATA_TF_TYPE, struct.pack(">IBB", wanted + 2, context_id,
+                                                          0x02 if remaining == 0 else 0x00), piece)
+                if remaining == 0:
+                    return
+        view = memoryview(dataset)
         for start in range(0, max(len(view), 1), step):
             chunk = view[start:start + step]
             last = start + step >= len(view)
@@ -261,7 +282,7 @@ class Association:
                             context = self.contexts[context_id]
                             if not command.has_dataset:
                                 return context, command, None
-                            dataset = Dataset(self.server.staging)
+                            dataset = Dataset(self.staging)
                     else:
                         if command is None or dataset is None:
                             raise self._protocol_error("dataset fragment before its command")
@@ -274,6 +295,40 @@ class Association:
             if dataset is not None:
                 dataset.discard()
             raise
+
+    def cancel_requested(self, message_id: int) -> bool:
+        """True when the peer has sent C-CANCEL for `message_id` (checked without waiting).
+
+        Called between the responses a C-FIND, C-MOVE or C-GET streams. Without an
+        asynchronous operations window, nothing but a C-CANCEL may arrive meanwhile.
+        """
+        if message_id in self.cancelled:
+            return True
+        readable, _, _ = select.select([self.sock], [], [], 0)
+        if not readable:
+            return False
+        message = self.receive_message()
+        if message is None:
+            raise AssociationClosed("the peer released the association during an operation")
+        _, command, dataset = message
+        if dataset is not None:
+            dataset.discard()
+        if not self.note_cancel(command):
+            raise self._protocol_error(
+                f"DIMSE command 0x{command.field:04x} while message {message_id} is in progress")
+        return message_id in self.cancelled
+
+    def note_cancel(self, command: Command) -> bool:
+        """Remember a C-CANCEL; False when `command` is something else."""
+        if command.field != C_CANCEL_RQ:
+            return False
+        self.cancelled.add(command.number("MessageIDBeingRespondedTo"))
+        return True
+
+    def next_message_id(self) -> int:
+        """A message ID for a request we send (C-STORE sub-operations of a C-GET)."""
+        self._message_id = self._message_id % 0xFFFF + 1
+        return self._message_id
 
     def _protocol_error(self, message: str) -> AssociationClosed:
         self.abort(ABORT_INVALID_PARAMETER)
@@ -333,7 +388,8 @@ class AssociationServer:
                 raise
             client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             client.settimeout(self.config.acse_timeout)
-            assoc = Association(client, address[:2], self)
+            assoc = Association(client, address[:2], max_pdu=self.config.max_pdu,
+                                staging=self.staging)
             thread = threading.Thread(target=self._run, args=(assoc,), name=f"assoc-{address[1]}",
                                       daemon=True)
             with self._lock:

@@ -1,0 +1,214 @@
+"""The requestor side of our upper layer: associations we open to send C-STOREs.
+
+pynetdicom's requestor shares its acceptor's 1 ms polling reactor, which capped `pacs store`
+near a quarter of DCMTK's storescu here and could take a C-STORE response from under
+send_c_store (the call then waited out the DIMSE timeout). This requestor frames PDUs and
+DIMSE messages with the same `Association` as `pacs serve` and blocks on its socket.
+pynetdicom still encodes the A-ASSOCIATE-RQ and decodes the answer.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import struct
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, BinaryIO
+
+from pynetdicom.pdu import A_ASSOCIATE_AC, A_ASSOCIATE_RJ, A_ASSOCIATE_RQ
+from pynetdicom.pdu_primitives import (
+    A_ASSOCIATE,
+    ImplementationClassUIDNotification,
+    ImplementationVersionNameNotification,
+    MaximumLengthNotification,
+)
+from pynetdicom.presentation import PresentationContext
+
+from pacscli import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
+from pacscli.config import Remote, Settings
+from pacscli.errors import NetworkError
+from pacscli.net.ae import diagnose_connection, rejection_text
+from pacscli.net.dimse import C_STORE_RQ, C_STORE_RSP, HAS_DATASET, encode_command
+from pacscli.net.server import (
+    A_ABORT_TYPE,
+    A_ASSOCIATE_AC_TYPE,
+    A_ASSOCIATE_RJ_TYPE,
+    A_ASSOCIATE_RQ_TYPE,
+    A_RELEASE_RP_TYPE,
+    A_RELEASE_RQ_TYPE,
+    APPLICATION_CONTEXT,
+    Association,
+    AssociationClosed,
+    Context,
+)
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class StoreResponse:
+    """The peer's answer to one C-STORE."""
+
+    status: int
+    error_comment: str = ""
+
+
+class ClientAssociation(Association):
+    """An association we requested: its accepted contexts and the C-STORE it sends."""
+
+    def __init__(self, sock: socket.socket, remote: Remote, settings: Settings, staging: Path) -> None:
+        super().__init__(sock, (remote.host, remote.port), max_pdu=settings.network.max_pdu,
+                         staging=staging)
+        self.remote = remote
+        self.dimse_timeout = settings.network.dimse_timeout
+        self.peer_implementation_class_uid = ""
+        self.peer_implementation_version_name = ""
+
+    def accepted_syntaxes(self, sop_class: str) -> list[str]:
+        """The transfer syntaxes accepted for `sop_class`, in context order."""
+        return [c.transfer_syntax for c in sorted(self.contexts.values(), key=lambda c: c.id)
+                if c.abstract_syntax == sop_class]
+
+    def context_for(self, sop_class: str, transfer_syntax: str) -> Context | None:
+        """An accepted context for this SOP class and transfer syntax."""
+        return next((c for c in self.contexts.values() if c.abstract_syntax == sop_class
+                     and c.transfer_syntax == transfer_syntax), None)
+
+    def c_store(self, context: Context, sop_uid: str, dataset: bytes | tuple[BinaryIO, int]) -> StoreResponse:
+        """Send one C-STORE-RQ with `dataset` (bytes, or an open file and how much to send
+        from its position) and wait for its response.
+
+        Raises AssociationClosed when the peer aborts or the connection drops, and
+        TimeoutError when no response comes within the DIMSE timeout.
+        """
+        message_id = self.next_message_id()
+        self.send_message(context.id, encode_command(
+            CommandField=C_STORE_RQ, AffectedSOPClassUID=context.abstract_syntax, MessageID=message_id,
+            Priority=0, CommandDataSetType=HAS_DATASET, AffectedSOPInstanceUID=sop_uid), dataset)
+        self.sock.settimeout(self.dimse_timeout)
+        message = self.receive_message()
+        if message is None:
+            raise AssociationClosed(f"{self.remote} released the association during a C-STORE")
+        _, response, extra = message
+        if extra is not None:
+            extra.discard()
+        if response.field != C_STORE_RSP or response.number("MessageIDBeingRespondedTo") != message_id:
+            self.abort()
+            raise AssociationClosed(f"{self.remote} answered with command 0x{response.field:04x} "
+                                    f"instead of the C-STORE response to message {message_id}")
+        return StoreResponse(response.number("Status"), response.get("ErrorComment"))
+
+    def release(self) -> None:
+        """A-RELEASE: ask, wait briefly for the answer, close."""
+        try:
+            self.send_pdu(A_RELEASE_RQ_TYPE, bytes(4))
+            self.sock.settimeout(10)
+            while True:
+                pdu_type, _ = self.recv_pdu()
+                if pdu_type in (A_RELEASE_RP_TYPE, A_ABORT_TYPE):
+                    break
+        except (OSError, AssociationClosed) as exc:
+            log.debug("release of %s: %s", self.remote, exc)
+        finally:
+            self.close()
+
+
+def request_association(settings: Settings, remote: Remote, contexts: Sequence[PresentationContext],
+                        staging: Path) -> ClientAssociation:
+    """Connect to `remote` and negotiate `contexts` (context IDs are assigned here).
+
+    Raises NetworkError saying exactly why not: name resolution, refused or timed-out TCP,
+    a rejection with its decoded reason, an abort, or no accepted context at all.
+    """
+    net = settings.network
+    try:
+        addresses = socket.getaddrinfo(remote.host, remote.port, type=socket.SOCK_STREAM)
+    except socket.gaierror as exc:
+        raise NetworkError(f"cannot resolve host {remote.host!r}: {exc.strerror}",
+                           code="name-resolution") from exc
+    try:
+        host, port = str(addresses[0][4][0]), int(addresses[0][4][1])
+        sock = socket.create_connection((host, port), timeout=net.connect_timeout)
+    except OSError as exc:
+        raise NetworkError(f"cannot associate with {remote}: "
+                           f"{diagnose_connection(remote, net.connect_timeout)}",
+                           code="connection-failed") from exc
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    assoc = ClientAssociation(sock, remote, settings, staging)
+    proposed = []
+    for number, context in enumerate(contexts):
+        context.context_id = 2 * number + 1
+        proposed.append(context)
+    try:
+        sock.sendall(_associate_rq(settings, remote, proposed))
+        sock.settimeout(net.acse_timeout)
+        pdu_type, body = assoc.recv_pdu()
+        raw = struct.pack(">BBI", pdu_type, 0, len(body)) + bytes(body)
+    except TimeoutError as exc:
+        assoc.close()
+        raise NetworkError(f"{remote} accepted the TCP connection but did not answer the association "
+                           f"request within {net.acse_timeout:g} s", code="acse-timeout") from exc
+    except (OSError, AssociationClosed) as exc:
+        assoc.close()
+        raise NetworkError(f"{remote} closed the connection during association negotiation: {exc}",
+                           code="association-aborted") from exc
+    if pdu_type == A_ASSOCIATE_RJ_TYPE:
+        reject = A_ASSOCIATE_RJ()
+        reject.decode(raw)
+        assoc.close()
+        raise NetworkError(f"association rejected by {remote}: "
+                           f"{rejection_text(reject.to_primitive(), settings.ae_title, remote)}",
+                           code="association-rejected")
+    if pdu_type != A_ASSOCIATE_AC_TYPE:
+        assoc.close()
+        kind = "aborted the association" if pdu_type == A_ABORT_TYPE else f"sent PDU 0x{pdu_type:02x}"
+        raise NetworkError(f"{remote} {kind} during negotiation", code="association-aborted")
+    accept = A_ASSOCIATE_AC()
+    accept.decode(raw)
+    _apply_accept(assoc, accept.to_primitive(), {c.context_id: c for c in proposed})
+    if not assoc.contexts:
+        assoc.release()
+        raise NetworkError(f"{remote} accepted the association but none of the presentation contexts "
+                           "offered", code="no-accepted-context")
+    assoc.established = True
+    return assoc
+
+
+def _associate_rq(settings: Settings, remote: Remote, contexts: list[PresentationContext]) -> bytes:
+    primitive = A_ASSOCIATE()
+    primitive.application_context_name = APPLICATION_CONTEXT
+    primitive.calling_ae_title = settings.ae_title
+    primitive.called_ae_title = remote.ae_title
+    primitive.presentation_context_definition_list = contexts
+    max_length = MaximumLengthNotification()
+    max_length.maximum_length_received = settings.network.max_pdu
+    class_uid = ImplementationClassUIDNotification()
+    class_uid.implementation_class_uid = IMPLEMENTATION_CLASS_UID
+    version = ImplementationVersionNameNotification()
+    version.implementation_version_name = IMPLEMENTATION_VERSION_NAME
+    primitive.user_information = [max_length, class_uid, version]
+    pdu = A_ASSOCIATE_RQ()
+    pdu.from_primitive(primitive)
+    encoded: bytes = pdu.encode()
+    assert encoded[0] == A_ASSOCIATE_RQ_TYPE
+    return encoded
+
+
+def _apply_accept(assoc: ClientAssociation, primitive: Any,
+                  proposed: dict[int | None, PresentationContext]) -> None:
+    """Record the accepted contexts and the peer's limits and identity."""
+    for result in primitive.presentation_context_definition_results_list:
+        asked = proposed.get(result.context_id)
+        if asked is None or result.result != 0 or not result.transfer_syntax:
+            continue
+        assoc.contexts[int(result.context_id)] = Context(
+            int(result.context_id), str(asked.abstract_syntax), str(result.transfer_syntax[0]))
+    for item in primitive.user_information:
+        if isinstance(item, MaximumLengthNotification):
+            assoc.peer_max_pdu = int(item.maximum_length_received) or assoc.peer_max_pdu
+        elif isinstance(item, ImplementationClassUIDNotification):
+            assoc.peer_implementation_class_uid = str(item.implementation_class_uid)
+        elif isinstance(item, ImplementationVersionNameNotification):
+            assoc.peer_implementation_version_name = str(item.implementation_version_name or "")

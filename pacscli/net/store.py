@@ -1,0 +1,472 @@
+"""C-STORE SCU: send files, folders and records to a peer, one result record per instance.
+
+A file goes out as its bytes on disk whenever the peer accepts its transfer syntax: pynetdicom
+streams the dataset from the file (`STORE_SEND_CHUNKED_DATASET`), nothing is decoded. A file is
+decoded and rewritten to a temporary file only to repair it (padded or disagreeing UIDs,
+odd-length fragments) or to convert it to an uncompressed syntax the peer accepts.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import shutil
+import tempfile
+import threading
+import uuid
+from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, BinaryIO
+
+import pydicom
+from pydicom.datadict import tag_for_keyword
+from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pynetdicom import build_context
+from pynetdicom.presentation import PresentationContext
+from pynetdicom.status import STORAGE_SERVICE_CLASS_STATUS
+
+from pacscli.config import Remote, Settings
+from pacscli.dicom.identity import read_file_meta
+from pacscli.dicom.transcode import convert, fix_odd_fragments, write_part10
+from pacscli.dicom.uids import clean_uid
+from pacscli.errors import InvalidDicomError, NetworkError, PacsError, UsageError
+from pacscli.net.client import ClientAssociation, request_association
+from pacscli.net.server import AssociationClosed
+from pacscli.records import Record, failed
+
+log = logging.getLogger(__name__)
+
+MAX_CONTEXTS = 128  # pynetdicom's limit per association (PS3.8 allows 128 odd context IDs)
+UNCOMPRESSED = (ExplicitVRLittleEndian, ImplicitVRLittleEndian)  # what we can convert to
+WARNING_STATUSES = frozenset({0x0001, 0xB000, 0xB006, 0xB007})
+MEDIA_STORAGE_DIRECTORY = "1.2.840.10008.1.3.10"  # a DICOMDIR: not an instance to send
+IDENTITY = ("StudyInstanceUID", "SeriesInstanceUID", "SOPClassUID", "SOPInstanceUID")
+_IDENTITY_TAGS = [tag_for_keyword(kw) for kw in IDENTITY]
+
+Progress = Callable[[int, int], None]  # (instances done, instances to send)
+
+
+class NotDicomError(InvalidDicomError):
+    """The file is not a DICOM Part 10 file: skipped, not a failure."""
+
+    code = "not-dicom"
+
+
+@dataclass(frozen=True)
+class Instance:
+    """A file to send: its identity as the peer will see it, and what must be repaired."""
+
+    path: Path
+    sop_class: str
+    sop_uid: str
+    transfer_syntax: str
+    fixes: tuple[str, ...] = ()  # UID repairs, made on the decoded dataset
+    odd_fragments: bool = False  # encapsulated fragments of odd length
+    odd_length: bool = False  # a dataset of odd length (deflated ones often are)
+
+    @property
+    def needs_rewrite(self) -> bool:
+        """True when the file cannot go out as its bytes on disk even if its syntax is accepted."""
+        return bool(self.fixes) or self.odd_fragments or self.odd_length
+
+    def record(self, remote: Remote) -> Record:
+        """The fields every record about this instance starts with."""
+        return {"path": str(self.path), "SOPInstanceUID": self.sop_uid,
+                "SOPClassUID": self.sop_class, "TransferSyntaxUID": self.transfer_syntax,
+                "remote": str(remote)}
+
+
+def _uid_text(elem: Any) -> str | None:
+    """A UID element's value as stored (raw bytes when not yet decoded), None when absent."""
+    if elem is None:
+        return None
+    value = elem.value
+    if isinstance(value, bytes):
+        return value.decode("latin-1")
+    return None if value is None else str(value)
+
+
+def _is_padded(text: str) -> bool:
+    """True for padding other than the single trailing NUL that makes a UID even-length."""
+    return text not in (clean_uid(text), clean_uid(text) + "\x00")
+
+
+def _has_odd_fragment(fp: BinaryIO) -> bool:
+    """True when the encapsulated Pixel Data at fp's position has an odd-length item.
+
+    Reads item headers only, seeking over the fragments.
+    """
+    header = fp.read(12)
+    if header[:4] != b"\xe0\x7f\x10\x00" or header[8:12] != b"\xff\xff\xff\xff":
+        return False
+    while len(item := fp.read(8)) == 8 and item[:4] == b"\xfe\xff\x00\xe0":
+        length = int.from_bytes(item[4:], "little")
+        if length % 2:
+            return True
+        fp.seek(length, 1)
+    return False
+
+
+def scan(path: Path) -> Instance:
+    """Read what sending `path` needs from its file meta and dataset header (no pixel data).
+
+    Raises NotDicomError for a file that is not Part 10, InvalidDicomError when it is unusable.
+    """
+    try:
+        with open(path, "rb") as fp:
+            try:
+                meta, offset = read_file_meta(fp)
+            except InvalidDicomError as exc:
+                raise NotDicomError(exc.message) from exc
+            odd_length = (os.fstat(fp.fileno()).st_size - offset) % 2 == 1
+            fp.seek(0)
+            ds = pydicom.dcmread(fp, stop_before_pixels=True, specific_tags=_IDENTITY_TAGS)
+            ts_text = _uid_text(meta.get_item("TransferSyntaxUID")) or ""
+            transfer_syntax = clean_uid(ts_text)
+            # stop_before_pixels leaves fp at the Pixel Data element (not so when deflated).
+            odd = UID(transfer_syntax).is_encapsulated and _has_odd_fragment(fp)
+    except OSError as exc:
+        raise InvalidDicomError(f"cannot read {path}: {exc.strerror or exc}") from exc
+    except InvalidDicomError:
+        raise
+    except Exception as exc:  # pydicom raises many kinds on damaged files
+        raise InvalidDicomError(f"unreadable DICOM dataset: {exc}") from exc
+    if not transfer_syntax:
+        raise InvalidDicomError("the file meta has no Transfer Syntax UID")
+
+    fixes: list[str] = []
+    if _is_padded(ts_text):
+        fixes.append("TransferSyntaxUID padding removed")
+    values: dict[str, str] = {}
+    for keyword in IDENTITY:
+        text = _uid_text(ds.get_item(keyword))
+        if text is not None and clean_uid(text):
+            values[keyword] = clean_uid(text)
+            if _is_padded(text):
+                fixes.append(f"{keyword} padding removed")
+    # The dataset's UIDs name the instance; the file meta only fills in what it lacks.
+    for keyword, meta_keyword in (("SOPClassUID", "MediaStorageSOPClassUID"),
+                                  ("SOPInstanceUID", "MediaStorageSOPInstanceUID")):
+        text = _uid_text(meta.get_item(meta_keyword))
+        meta_uid = clean_uid(text)
+        if keyword not in values:
+            if not meta_uid:
+                raise InvalidDicomError(f"the instance has no {keyword}")
+            values[keyword] = meta_uid
+            fixes.append(f"{keyword} taken from the file meta")
+        elif not meta_uid:
+            fixes.append(f"file meta lacked {meta_keyword}")
+        elif meta_uid != values[keyword]:
+            fixes.append(f"file meta {meta_keyword} {meta_uid} differs from the dataset's: "
+                         "sent the dataset's")
+        elif text is not None and _is_padded(text):
+            fixes.append(f"{meta_keyword} padding removed")
+    return Instance(path, values["SOPClassUID"], values["SOPInstanceUID"], transfer_syntax,
+                    tuple(fixes), odd, odd_length)
+
+
+def _files(path: Path) -> list[Path]:
+    """A file, or every file under a folder (recursive, sorted so runs are repeatable)."""
+    if path.is_dir():
+        return sorted(p for p in path.rglob("*") if p.is_file())
+    return [path]
+
+
+def collect(records: Iterable[Record]) -> Iterator[Instance | Record]:
+    """Instances to send from input records (`path` of a file or folder), or records for
+    inputs that will not be sent: skipped (not DICOM) or failed (missing, unreadable)."""
+    for record in records:
+        raw_path = record.get("path")
+        if not raw_path:
+            yield failed(UsageError("input record has no path", code="no-path"),
+                         **{k: v for k, v in record.items() if k in IDENTITY})
+            continue
+        path = Path(str(raw_path))
+        if not path.exists():
+            yield failed(InvalidDicomError(f"{path}: no such file or folder", code="not-found"),
+                         path=str(path))
+            continue
+        for file in _files(path):
+            try:
+                instance = scan(file)
+            except NotDicomError as exc:
+                yield {"path": str(file), "status": "skipped", "reason": exc.message}
+                continue
+            except InvalidDicomError as exc:
+                yield failed(exc, path=str(file))
+                continue
+            if instance.sop_class == MEDIA_STORAGE_DIRECTORY:
+                yield {"path": str(file), "status": "skipped",
+                       "reason": "a DICOMDIR (media directory), not an instance"}
+            else:
+                yield instance
+
+
+def syntax_groups(syntaxes: Collection[str]) -> list[list[str]]:
+    """Transfer syntax lists to propose for one SOP class.
+
+    Each syntax the files have gets a context of its own, so the peer cannot answer it with
+    another; one more context offers the uncompressed syntaxes we can convert to.
+    """
+    groups = [[ts] for ts in sorted(syntaxes)]
+    fallback = [str(ts) for ts in UNCOMPRESSED if ts not in syntaxes]
+    if set(syntaxes) - {ImplicitVRLittleEndian} and fallback:
+        groups.append(fallback)
+    return groups
+
+
+def _needs(instances: Iterable[Instance]) -> dict[str, set[str]]:
+    needs: dict[str, set[str]] = {}
+    for instance in instances:
+        needs.setdefault(instance.sop_class, set()).add(instance.transfer_syntax)
+    return needs
+
+
+def contexts_for(instances: Iterable[Instance]) -> list[PresentationContext]:
+    """The presentation contexts to propose for sending `instances`."""
+    return [build_context(sop_class, group)
+            for sop_class, syntaxes in sorted(_needs(instances).items())
+            for group in syntax_groups(syntaxes)]
+
+
+def _context_count(needs: dict[str, set[str]]) -> int:
+    return sum(len(syntax_groups(syntaxes)) for syntaxes in needs.values())
+
+
+def split_batches(instances: Sequence[Instance],
+                  max_contexts: int = MAX_CONTEXTS) -> list[list[Instance]]:
+    """Group instances so that each group needs at most `max_contexts` contexts (first fit)."""
+    batches: list[tuple[list[Instance], dict[str, set[str]]]] = []
+    for instance in instances:
+        sop_class, syntax = instance.sop_class, instance.transfer_syntax
+        for members, needs in batches:
+            grown = {**needs, sop_class: needs.get(sop_class, set()) | {syntax}}
+            if syntax in needs.get(sop_class, ()) or _context_count(grown) <= max_contexts:
+                members.append(instance)
+                needs[sop_class] = grown[sop_class]
+                break
+        else:
+            batches.append(([instance], {sop_class: {syntax}}))
+    return [members for members, _ in batches]
+
+
+def _status_text(code: int) -> str:
+    meaning = STORAGE_SERVICE_CLASS_STATUS.get(code, ("", "unknown status"))[1]
+    return f"0x{code:04X} ({str(meaning).lower()})"
+
+
+ODD_LENGTH_FIX = "odd-length dataset padded to even length"  # DCMTK refuses odd PDVs
+
+
+def _rewrite(instance: Instance, accepted: Collection[str], dest: Path) -> Record:
+    """Write a repaired or converted copy of the instance to `dest`; returns record fields."""
+    target = instance.transfer_syntax
+    converting = target not in accepted
+    if converting:
+        target = next((str(ts) for ts in UNCOMPRESSED if ts in accepted), "")
+        if not target:
+            raise PacsError(f"the peer accepted neither {UID(instance.transfer_syntax).name} nor "
+                            "an uncompressed syntax for this SOP class",
+                            code="no-common-transfer-syntax")
+    fixed = list(instance.fixes) + ([ODD_LENGTH_FIX] if instance.odd_length else [])
+    if not (converting or instance.fixes or instance.odd_fragments):
+        # Only the length is wrong: a trailing NUL keeps every byte as it was.
+        shutil.copyfile(instance.path, dest)
+        with open(dest, "ab") as out:
+            out.write(b"\x00")
+        return {"transfer_syntax": target, "fixed": fixed}
+    try:
+        ds = pydicom.dcmread(instance.path)
+    except Exception as exc:
+        raise InvalidDicomError(f"unreadable DICOM dataset: {exc}") from exc
+    for keyword in IDENTITY:
+        if keyword in ds:
+            ds[keyword].value = clean_uid(ds[keyword].value)
+    ds.SOPClassUID, ds.SOPInstanceUID = instance.sop_class, instance.sop_uid
+    ds.file_meta.MediaStorageSOPClassUID = instance.sop_class
+    ds.file_meta.MediaStorageSOPInstanceUID = instance.sop_uid
+    ds.file_meta.TransferSyntaxUID = instance.transfer_syntax
+    fields: Record = {"transfer_syntax": target}
+    if converting:
+        convert(ds, UID(target))
+        fields["converted_from"] = instance.transfer_syntax
+    elif padded := fix_odd_fragments(ds):
+        fixed.append(f"{padded} odd-length pixel data fragment(s) padded to even length")
+    write_part10(ds, dest)
+    if fixed:
+        fields["fixed"] = fixed
+    return fields
+
+
+def _send_one(assoc: ClientAssociation, instance: Instance, remote: Remote, workdir: Path,
+              errors: list[NetworkError]) -> Record:
+    """C-STORE one instance on an established association; its result record."""
+    base = instance.record(remote)
+    accepted = assoc.accepted_syntaxes(instance.sop_class)
+    if not accepted:
+        name = UID(instance.sop_class).name
+        return failed(PacsError(f"{remote} accepted no presentation context for {name}",
+                                code="sop-class-not-accepted"), **base)
+    fields: Record = {"transfer_syntax": instance.transfer_syntax}
+    temp: Path | None = None
+    try:
+        path = instance.path
+        if instance.needs_rewrite or instance.transfer_syntax not in accepted:
+            temp = path = workdir / f"{uuid.uuid4().hex}.dcm"
+            fields = _rewrite(instance, accepted, temp)
+        context = assoc.context_for(instance.sop_class, str(fields["transfer_syntax"]))
+        assert context is not None  # _rewrite picked an accepted syntax
+        try:
+            source = open(path, "rb")  # noqa: SIM115 - closed below, around the send
+        except OSError as exc:
+            raise InvalidDicomError(f"cannot read {path}: {exc.strerror or exc}") from exc
+        with source:
+            _, offset = read_file_meta(source)
+            size = os.fstat(source.fileno()).st_size - offset
+            response = assoc.c_store(context, instance.sop_uid, (source, size))
+    except PacsError as exc:
+        return failed(exc, **base, **fields)
+    except TimeoutError:
+        assoc.abort()
+        error = NetworkError(f"no C-STORE response from {remote} within {assoc.dimse_timeout:g} s",
+                             code="no-response")
+        errors.append(error)
+        return failed(error, **base, **fields)
+    except (AssociationClosed, OSError) as exc:
+        assoc.abort()
+        error = NetworkError(f"{remote} aborted the association or closed the connection while "
+                             f"this instance was sent ({exc})", code="association-aborted")
+        errors.append(error)
+        return failed(error, **base, **fields)
+    finally:
+        if temp is not None:
+            temp.unlink(missing_ok=True)
+    code = response.status
+    result: Record = {**base, "status": "ok", "dimse_status": code, **fields}
+    detail = _status_text(code) + (f": {response.error_comment}" if response.error_comment else "")
+    if code in WARNING_STATUSES:
+        result.update(status="warning", warning=detail)
+    elif code != 0:
+        result.update(failed(PacsError(f"{remote} answered C-STORE with failure status {detail}",
+                                       code="store-failed")))
+    return result
+
+
+def _send_share(settings: Settings, remote: Remote, instances: Sequence[Instance],
+                workdir: Path, errors: list[NetworkError],
+                stop: threading.Event) -> Iterator[Record]:
+    """Send a share of the instances over as many associations as their contexts need.
+
+    When an association ends early, the instance in flight fails and a new association
+    carries the rest; when none can be made, every instance left gets a failed record.
+    """
+    batches = split_batches(instances)
+    for number, batch in enumerate(batches):
+        pending = list(batch)
+        while pending and not stop.is_set():
+            try:
+                assoc = request_association(settings, remote, contexts_for(pending), workdir)
+            except NetworkError as exc:
+                errors.append(exc)
+                if exc.code == "no-accepted-context":  # other batches may hold other classes
+                    yield from (failed(exc, **i.record(remote)) for i in pending)
+                    break
+                for instance in [*pending, *(i for b in batches[number + 1:] for i in b)]:
+                    yield failed(exc, **instance.record(remote))
+                return
+            try:
+                while pending and assoc.established and not stop.is_set():
+                    yield _send_one(assoc, pending.pop(0), remote, workdir, errors)
+            except BaseException:  # Ctrl-C, or our reader went away: do not wait on the peer
+                assoc.abort()
+                raise
+            if stop.is_set():
+                assoc.abort()
+            elif assoc.established:
+                assoc.release()
+
+
+def _in_threads(shares: list[Iterator[Record]], stop: threading.Event) -> Iterator[Record]:
+    """Run each share's generator in its own thread; yield their records as they come."""
+    results: queue.Queue[Record | BaseException | None] = queue.Queue()
+
+    def pump(share: Iterator[Record]) -> None:
+        try:
+            for record in share:
+                results.put(record)
+        except BaseException as exc:  # handed to the consumer's thread
+            results.put(exc)
+        finally:
+            results.put(None)
+
+    threads = [threading.Thread(target=pump, args=(share,), daemon=True, name=f"store-{n}")
+               for n, share in enumerate(shares)]
+    for thread in threads:
+        thread.start()
+    try:
+        running = len(threads)
+        while running:
+            item = results.get()
+            if item is None:
+                running -= 1
+            elif isinstance(item, BaseException):
+                raise item
+            else:
+                yield item
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join(timeout=10)
+
+
+def store(settings: Settings, remote: Remote, records: Iterable[Record], *, jobs: int = 1,
+          progress: Progress | None = None) -> Iterator[Record]:
+    """C-STORE the files named by `records` (files or folders) to `remote`.
+
+    Yields one record per file: ok, warning, failed or skipped (not DICOM). Files are read
+    (headers only) before the first association, since contexts are negotiated up front.
+    Raises UsageError when there is no input at all, and NetworkError at the end when no
+    instance could be sent because of the network.
+    """
+    if jobs < 1:
+        raise UsageError("--jobs must be at least 1")
+    instances: list[Instance] = []
+    given = 0
+
+    def counted() -> Iterator[Record]:
+        nonlocal given
+        for record in records:
+            given += 1
+            yield record
+
+    for item in collect(counted()):
+        if isinstance(item, Instance):
+            instances.append(item)
+        else:
+            yield item
+    if not given:
+        raise UsageError("nothing to store: give files or folders, or records with a path on stdin")
+    if not instances:
+        log.warning("no DICOM instance to send among the inputs")
+        return
+    errors: list[NetworkError] = []
+    answered = done = 0
+    stop = threading.Event()
+    with tempfile.TemporaryDirectory(prefix="pacs-store-", ignore_cleanup_errors=True) as tmp:
+        shares = [_send_share(settings, remote, instances[n::jobs], Path(tmp), errors, stop)
+                  for n in range(min(jobs, len(instances)))]
+        stream = shares[0] if len(shares) == 1 else _in_threads(shares, stop)
+        try:
+            for record in stream:
+                done += 1
+                answered += "dimse_status" in record
+                if progress is not None:
+                    progress(done, len(instances))
+                yield record
+        finally:
+            stop.set()
+    if not answered and errors:
+        raise errors[0]
+

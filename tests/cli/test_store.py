@@ -1,0 +1,363 @@
+"""`pacs store` against real peers on loopback: DCMTK storescp accepting every syntax or only
+uncompressed ones, `pacs serve`, dirty files, non-DICOM files, closed ports and aborts."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pydicom
+import pytest
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import (
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRBigEndian,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    generate_uid,
+)
+
+from tests.conftest import (
+    DCMTK_ENV,
+    TESTDATA,
+    free_port,
+    pacs_cmd,
+    require,
+    start_server,
+    testdata,
+    wait_for_port,
+)
+from tests.net.test_store import vanishing_peer, write_odd_fragments, write_padded_uid
+
+ENCAPSULATED_PDF = "1.2.840.10008.5.1.4.1.1.104.1"
+UNCOMPRESSED = {ImplicitVRLittleEndian, ExplicitVRLittleEndian, ExplicitVRBigEndian}
+# pylibjpeg cannot decode JPEG-lossy.dcm (a known oddity of that file): it is sent as is to
+# peers that take JPEG, and tested on its own where it must be decoded.
+DECODABLE = [k for k in TESTDATA if k != "jpeg_extended"]
+
+Storescp = Callable[..., tuple[str, Path]]
+
+
+def pacs_store(tmp_path: Path, *args: str, stdin: str | None = None
+               ) -> subprocess.CompletedProcess[str]:
+    """Run `pacs store ARGS` with an empty config; stdout a pipe, so JSON lines."""
+    config = tmp_path / "config.toml"
+    if not config.exists():
+        config.write_text("")
+    return subprocess.run(pacs_cmd("store", *args), capture_output=True, text=True, timeout=300,
+                          input=stdin, stdin=None if stdin is not None else subprocess.DEVNULL,
+                          env={**os.environ, "PACS_CONFIG": str(config)})
+
+
+def records(result: subprocess.CompletedProcess[str]) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in result.stdout.splitlines()]
+
+
+@pytest.fixture
+def storescp(tmp_path: Path) -> Iterator[Storescp]:
+    """Start DCMTK storescp (AE title STORESCP) with extra flags: (remote, output folder)."""
+    procs: list[subprocess.Popen[bytes]] = []
+
+    def start(*flags: str) -> tuple[str, Path]:
+        port = free_port()
+        out = tmp_path / f"storescp-{port}"
+        out.mkdir()
+        # +uf: unique file names, since pydicom's test files share SOP Instance UIDs.
+        proc = subprocess.Popen([require("storescp"), "--aetitle", "STORESCP", "-od", str(out),
+                                 "+uf", *flags, str(port)], env=DCMTK_ENV,
+                                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                stderr=(tmp_path / f"storescp-{port}.log").open("wb"))
+        procs.append(proc)
+        wait_for_port(port, proc=proc)
+        return f"STORESCP@127.0.0.1:{port}", out
+
+    yield start
+    for proc in procs:
+        proc.terminate()
+        proc.wait(10)
+
+
+def write_pdf(path: Path) -> Path:
+    """A small Encapsulated PDF instance with proper file meta."""
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = ENCAPSULATED_PDF
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID, ds.SOPInstanceUID = ENCAPSULATED_PDF, meta.MediaStorageSOPInstanceUID
+    ds.StudyInstanceUID, ds.SeriesInstanceUID = generate_uid(), generate_uid()
+    ds.PatientName, ds.PatientID, ds.Modality = "Doc^Pdf", "PDF1", "DOC"
+    ds.StudyDate, ds.StudyTime, ds.AccessionNumber = "20240102", "101010", ""
+    ds.ReferringPhysicianName, ds.StudyID, ds.SeriesNumber, ds.InstanceNumber = "", "1", 1, 1
+    ds.ContentDate, ds.ContentTime, ds.AcquisitionDateTime = "20240102", "101010", ""
+    ds.BurnedInAnnotation, ds.DocumentTitle = "NO", "test"
+    ds.ConceptNameCodeSequence = []
+    ds.MIMETypeOfEncapsulatedDocument = "application/pdf"
+    ds.EncapsulatedDocument = b"%PDF-1.0\n%%EOF\n"
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+def comparable(ds: Dataset) -> dict[Any, Any]:
+    """Elements a peer must keep: not the file meta, group lengths or trailing padding (which
+    storescp rewrites or drops)."""
+    return {e.tag: e.value for e in ds
+            if e.tag.group != 2 and e.tag.element != 0 and e.tag != 0xFFFCFFFC}
+
+
+def received(folder: Path) -> list[Dataset]:
+    return [pydicom.dcmread(f) for f in sorted(folder.iterdir())]
+
+
+# --- every syntax to a peer that takes every syntax -------------------------------------------
+
+def test_store_every_syntax_to_storescp(tmp_path: Path, storescp: Storescp) -> None:
+    remote, out = storescp("+xa")
+    files = [testdata(k) for k in TESTDATA] + [write_pdf(tmp_path / "doc.dcm")]
+    result = pacs_store(tmp_path, remote, *map(str, files))
+    assert result.returncode == 0, result.stderr
+    recs = records(result)
+    assert [r["path"] for r in recs] == [str(f) for f in files]
+    assert all(r["status"] == "ok" and r["dimse_status"] == 0 for r in recs), recs
+    assert all(r["remote"] == remote for r in recs)
+    for record, path in zip(recs, files, strict=True):
+        original = pydicom.dcmread(path)
+        assert record["SOPInstanceUID"] == original.SOPInstanceUID
+        assert record["SOPClassUID"] == original.SOPClassUID
+        # Sent as stored: same syntax, nothing converted.
+        assert record["TransferSyntaxUID"] == record["transfer_syntax"] \
+            == original.file_meta.TransferSyntaxUID
+        assert "converted_from" not in record
+    assert recs[-1]["SOPClassUID"] == ENCAPSULATED_PDF
+
+    got = [comparable(ds) for ds in received(out)]
+    assert len(got) == len(files)
+    for path in files:  # each original arrived with every element intact
+        want = comparable(pydicom.dcmread(path))
+        assert want in got, path.name
+        got.remove(want)
+
+
+# --- conversion for peers that take only uncompressed syntaxes --------------------------------
+
+@pytest.mark.parametrize("flags, sent", [
+    ((), {ExplicitVRLittleEndian, ImplicitVRLittleEndian, ExplicitVRBigEndian}),
+    (("+xi",), {ImplicitVRLittleEndian}),  # implicit only: explicit and big endian converted
+])
+def test_converts_for_uncompressed_only_peer(tmp_path: Path, storescp: Storescp,
+                                             flags: tuple[str, ...], sent: set[str]) -> None:
+    remote, out = storescp(*flags)
+    files = [testdata(k) for k in DECODABLE]
+    result = pacs_store(tmp_path, remote, *map(str, files))
+    assert result.returncode == 0, result.stderr
+    recs = records(result)
+    assert all(r["status"] == "ok" for r in recs), recs
+    for record in recs:
+        original_ts = record["TransferSyntaxUID"]
+        assert record["transfer_syntax"] in sent
+        if original_ts in sent:
+            assert "converted_from" not in record
+        else:  # compressed, deflated, or refused by +xi
+            assert record["converted_from"] == original_ts
+            assert original_ts != record["transfer_syntax"]
+
+    arrived = received(out)
+    assert len(arrived) == len(files)
+    assert all(ds.file_meta.TransferSyntaxUID in UNCOMPRESSED for ds in arrived)
+    for path in files:  # same pixels as the original decodes to
+        original = pydicom.dcmread(path)
+        if "PixelData" not in original:
+            continue
+        matches = [ds for ds in arrived if ds.SOPInstanceUID == original.SOPInstanceUID
+                   and ds.Rows == original.Rows and ds.get("NumberOfFrames") ==
+                   original.get("NumberOfFrames")
+                   and np.array_equal(ds.pixel_array, original.pixel_array)]
+        assert matches, path.name
+
+
+def test_undecodable_file_fails_alone(tmp_path: Path, storescp: Storescp) -> None:
+    remote, out = storescp()  # uncompressed only: the JPEG must be decoded
+    broken = pydicom.dcmread(testdata("jpeg_baseline"))
+    broken.PixelData = b"\xfe\xff\x00\xe0\x00\x00\x00\x00" + b"\xfe\xff\x00\xe0\x04\x00\x00\x00" \
+        + b"\xff\xd8\xff\xd9"
+    broken.SOPInstanceUID = broken.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    broken.save_as(tmp_path / "broken.dcm")
+    result = pacs_store(tmp_path, remote, str(tmp_path / "broken.dcm"),
+                        str(testdata("explicit_le")))
+    assert result.returncode == 1, result.stderr
+    bad, good = records(result)
+    assert bad["status"] == "failed" and bad["error"]["code"] == "cannot-convert"
+    assert "\n" not in bad["error"]["message"]
+    assert good["status"] == "ok"
+    assert len(list(out.iterdir())) == 1
+
+
+# --- dirty files from real devices ------------------------------------------------------------
+
+def test_dirty_files_are_fixed_and_received(tmp_path: Path, storescp: Storescp) -> None:
+    remote, out = storescp("+xa")
+    padded = write_padded_uid(tmp_path / "padded.dcm")
+    mismatch = pydicom.dcmread(testdata("explicit_le"))
+    mismatch.SOPInstanceUID = "1.2.826.0.1.3680043.2.1125.77.3"
+    mismatch.file_meta.MediaStorageSOPInstanceUID = "1.2.826.0.1.3680043.2.1125.77.4"
+    mismatch.save_as(tmp_path / "mismatch.dcm")
+    odd = write_odd_fragments(tmp_path / "odd.dcm")
+    files = [padded, tmp_path / "mismatch.dcm", odd, testdata("deflated")]
+
+    result = pacs_store(tmp_path, remote, *map(str, files))
+    assert result.returncode == 0, result.stderr
+    recs = {Path(r["path"]).name: r for r in records(result)}
+    assert all(r["status"] == "ok" for r in recs.values()), recs
+    assert recs["padded.dcm"]["SOPInstanceUID"] == "1.2.826.0.1.3680043.2.1125.77.2"
+    assert "SOPInstanceUID padding removed" in recs["padded.dcm"]["fixed"]
+    assert recs["mismatch.dcm"]["SOPInstanceUID"] == "1.2.826.0.1.3680043.2.1125.77.3"
+    assert any("differs from the dataset's" in f for f in recs["mismatch.dcm"]["fixed"])
+    assert any("odd-length pixel data fragment" in f for f in recs["odd.dcm"]["fixed"])
+    # DCMTK aborts on an odd-length dataset (its deflate stream): padded, still deflated.
+    assert recs["image_dfl.dcm"]["fixed"] == ["odd-length dataset padded to even length"]
+    assert recs["image_dfl.dcm"]["transfer_syntax"] == DeflatedExplicitVRLittleEndian
+
+    arrived = {ds.SOPInstanceUID: ds for ds in received(out)}
+    assert len(arrived) == 4
+    assert arrived["1.2.826.0.1.3680043.2.1125.77.2"].file_meta.MediaStorageSOPInstanceUID \
+        == "1.2.826.0.1.3680043.2.1125.77.2"
+    assert "1.2.826.0.1.3680043.2.1125.77.3" in arrived
+    odd_in = arrived["1.2.826.0.1.3680043.2.1125.77.1"]
+    assert np.array_equal(odd_in.pixel_array, pydicom.dcmread(odd).pixel_array)
+    assert comparable(arrived[recs["image_dfl.dcm"]["SOPInstanceUID"]]) \
+        == comparable(pydicom.dcmread(testdata("deflated")))
+
+
+# --- inputs: folders, non-DICOM files, stdin records ------------------------------------------
+
+def test_folder_with_non_dicom_file(tmp_path: Path, storescp: Storescp) -> None:
+    remote, out = storescp()
+    folder = tmp_path / "in"
+    (folder / "sub").mkdir(parents=True)
+    shutil.copy(testdata("explicit_le"), folder / "sub" / "b.dcm")
+    shutil.copy(testdata("sr"), folder / "a.dcm")
+    (folder / "README.txt").write_text("not DICOM\n")
+    result = pacs_store(tmp_path, remote, str(folder))
+    assert result.returncode == 0, result.stderr
+    recs = records(result)
+    skipped = [r for r in recs if r["status"] == "skipped"]
+    assert [r["path"] for r in skipped] == [str(folder / "README.txt")]
+    assert "not a DICOM" in skipped[0]["reason"]
+    sent = [r for r in recs if r["status"] == "ok"]
+    assert [r["path"] for r in sent] == [str(folder / "a.dcm"), str(folder / "sub" / "b.dcm")]
+    assert len(list(out.iterdir())) == 2
+
+
+def test_stdin_records_and_parallel_jobs(tmp_path: Path, storescp: Storescp) -> None:
+    remote, out = storescp("+xa", "--fork")  # --fork: several associations at once
+    files = [testdata(k) for k in DECODABLE]
+    lines = [json.dumps({"path": str(f), "PatientID": "passes through"}) for f in files[:-1]]
+    lines.append(str(files[-1]))  # a bare path line works too
+    result = pacs_store(tmp_path, remote, "--jobs", "3", stdin="\n".join(lines) + "\n")
+    recs = records(result)
+    assert result.returncode == 0, [r for r in recs if r["status"] != "ok"]
+    assert sorted(r["path"] for r in recs) == sorted(map(str, files))
+    assert all(r["status"] == "ok" for r in recs)
+    assert len(list(out.iterdir())) == len(files)
+
+
+def test_store_folder_to_pacs_serve(tmp_path: Path) -> None:
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for key in ("explicit_le", "jpeg_baseline", "jpeg_lossless", "sr", "rtdose", "deflated"):
+        shutil.copy(testdata(key), folder / f"{key}.dcm")
+    write_pdf(folder / "pdf.dcm")
+    server = start_server(tmp_path / "serve")
+    try:
+        result = pacs_store(tmp_path, server.remote, str(folder))
+    finally:
+        server.stop()
+    assert result.returncode == 0, result.stderr
+    recs = records(result)
+    assert len(recs) == 7 and all(r["status"] == "ok" for r in recs), recs
+    stored = {p.stem for p in (server.archive / "studies").rglob("*.dcm")}
+    assert stored == {r["SOPInstanceUID"] for r in recs}
+
+
+# --- failures: usage, network, refused classes ------------------------------------------------
+
+CT_ONLY_PROFILE = """\
+[[TransferSyntaxes]]
+[Uncompressed]
+TransferSyntax1 = LocalEndianExplicit
+TransferSyntax2 = LittleEndianImplicit
+[[PresentationContexts]]
+[CTOnly]
+PresentationContext1 = CTImageStorage\\Uncompressed
+[[Profiles]]
+[CTOnly]
+PresentationContexts = CTOnly
+"""
+
+
+def test_sop_class_the_peer_refuses(tmp_path: Path, storescp: Storescp) -> None:
+    profile = tmp_path / "ct-only.cfg"
+    profile.write_text(CT_ONLY_PROFILE)
+    remote, out = storescp("-xf", str(profile), "CTOnly")
+    ct, sr = str(testdata("explicit_le")), str(testdata("sr"))
+    result = pacs_store(tmp_path, remote, ct, sr)
+    assert result.returncode == 1, result.stderr  # the CT went, the SR could not
+    sent, refused = records(result)
+    assert sent["status"] == "ok"
+    assert refused["status"] == "failed"
+    assert refused["error"]["code"] == "sop-class-not-accepted"
+    assert len(list(out.iterdir())) == 1
+
+    result = pacs_store(tmp_path, remote, sr)  # no context at all: nothing could be sent
+    assert result.returncode == 3, result.stderr
+    [refused] = records(result)
+    assert refused["error"]["code"] == "no-accepted-context"
+
+
+def test_no_inputs_is_usage_error(tmp_path: Path) -> None:
+    result = pacs_store(tmp_path, f"X@127.0.0.1:{free_port()}")
+    assert result.returncode == 2
+    assert "nothing to store" in result.stderr
+
+
+def test_closed_port_exits_3(tmp_path: Path) -> None:
+    port = free_port()
+    result = pacs_store(tmp_path, f"NOBODY@127.0.0.1:{port}", str(testdata("explicit_le")))
+    assert result.returncode == 3, result.stderr
+    assert "connection refused" in result.stderr
+    [record] = records(result)  # the instance is still accounted for
+    assert record["status"] == "failed" and record["error"]["code"] == "connection-failed"
+
+
+def test_peer_aborting_every_store_exits_3(tmp_path: Path, storescp: Storescp) -> None:
+    remote, _ = storescp("--abort-after")
+    result = pacs_store(tmp_path, remote, str(testdata("explicit_le")), str(testdata("sr")))
+    assert result.returncode == 3, result.stderr
+    recs = records(result)
+    assert [r["status"] for r in recs] == ["failed", "failed"]
+    assert all(r["error"]["code"] == "association-aborted" for r in recs)
+
+
+def test_peer_vanishing_mid_run_exits_1(tmp_path: Path) -> None:
+    files = [str(testdata(k)) for k in ("explicit_le", "sr", "rtdose")]
+    with vanishing_peer() as (port, received):
+        result = pacs_store(tmp_path, f"VANISH@127.0.0.1:{port}", *files)
+    assert result.returncode == 1, result.stderr
+    recs = records(result)
+    assert [r["status"] for r in recs] == ["ok", "failed", "failed"]  # none silently lost
+    assert received == [recs[0]["SOPInstanceUID"]]
+
+
+def test_help_lists_the_options() -> None:
+    result = subprocess.run(pacs_cmd("store", "--help"), capture_output=True, text=True,
+                            timeout=60)
+    assert result.returncode == 0
+    for option in ("REMOTE", "PATH", "--jobs", "--aet", "--config", "--format", "--verbose"):
+        assert option in result.stdout

@@ -1,0 +1,254 @@
+"""The C-STORE SCU core (pacscli.net.store) and its helpers: scanning dirty files, presentation
+context planning past 128 contexts, fragment padding, and an association that dies mid-run."""
+
+from __future__ import annotations
+
+import struct
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from io import BytesIO
+from pathlib import Path
+from typing import Any
+
+import pydicom
+import pytest
+from pydicom.encaps import generate_fragments, parse_basic_offsets
+from pydicom.uid import (
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    JPEGBaseline8Bit,
+)
+
+from pacscli.config import Settings, parse_remote
+from pacscli.dicom.transcode import ITEM_TAG, pad_odd_fragments
+from pacscli.errors import NetworkError, UsageError
+from pacscli.net.store import (
+    MAX_CONTEXTS,
+    Instance,
+    NotDicomError,
+    contexts_for,
+    scan,
+    split_batches,
+    store,
+    syntax_groups,
+)
+from tests.conftest import free_port, testdata
+
+CT = "1.2.840.10008.5.1.4.1.1.2"
+
+
+def _item(data: bytes) -> bytes:
+    return ITEM_TAG + struct.pack("<I", len(data)) + data
+
+
+def write_odd_fragments(path: Path, sop_uid: str = "1.2.826.0.1.3680043.2.1125.77.1") -> Path:
+    """The 30-frame JPEG example with two fragments stripped of their pad byte (odd length)
+    and a Basic Offset Table that matches; pydicom still decodes it."""
+    ds = pydicom.dcmread(testdata("multiframe_us"))
+    buffer = BytesIO(ds.PixelData)
+    parse_basic_offsets(buffer)
+    items, offsets, position, stripped = [], [], 0, 0
+    for fragment in generate_fragments(buffer):
+        if fragment.endswith(b"\xff\xd9\x00") and stripped < 2:  # an even count keeps the
+            fragment, stripped = fragment[:-1], stripped + 1  # whole value even-length
+        offsets.append(position)
+        items.append(_item(fragment))
+        position += len(items[-1])
+    assert stripped == 2
+    ds.PixelData = _item(struct.pack(f"<{len(offsets)}I", *offsets)) + b"".join(items)
+    ds["PixelData"].is_undefined_length = True
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = sop_uid
+    ds.save_as(path)
+    return path
+
+
+def write_padded_uid(path: Path, uid: str = "1.2.826.0.1.3680043.2.1125.77.2") -> Path:
+    """CT_small with a SOP Instance UID padded with a space (dataset and file meta)."""
+    ds = pydicom.dcmread(testdata("explicit_le"))
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = uid + "0"
+    ds.save_as(path)
+    # pydicom strips spaces from UIDs it writes: patch the bytes, same length.
+    path.write_bytes(path.read_bytes().replace((uid + "0").encode(), uid.encode() + b" "))
+    return path
+
+
+# --- scanning ---------------------------------------------------------------------------------
+
+def test_scan_clean_file() -> None:
+    instance = scan(testdata("explicit_le"))
+    assert instance.sop_class == CT
+    assert instance.sop_uid == "1.3.6.1.4.1.5962.1.1.1.1.1.20040119072730.12322"
+    assert instance.transfer_syntax == ExplicitVRLittleEndian
+    assert not instance.needs_rewrite
+
+
+def test_scan_padded_uid(tmp_path: Path) -> None:
+    instance = scan(write_padded_uid(tmp_path / "padded.dcm"))
+    assert instance.sop_uid == "1.2.826.0.1.3680043.2.1125.77.2"
+    assert "SOPInstanceUID padding removed" in instance.fixes
+    assert "MediaStorageSOPInstanceUID padding removed" in instance.fixes
+
+
+def test_scan_meta_disagrees_dataset_wins() -> None:
+    # rtdose.dcm as bundled: file meta 1.2.999..., dataset 1.9.999...
+    instance = scan(testdata("rtdose"))
+    assert instance.sop_uid == "1.9.999.999.99.9.9999.9999.20030818153516"
+    assert any("differs from the dataset's" in fix for fix in instance.fixes)
+
+
+def test_scan_odd_fragments_and_odd_length(tmp_path: Path) -> None:
+    assert scan(write_odd_fragments(tmp_path / "odd.dcm")).odd_fragments
+    assert not scan(testdata("multiframe_us")).odd_fragments
+    deflated = scan(testdata("deflated"))  # its deflate stream is stored at an odd length
+    assert deflated.transfer_syntax == DeflatedExplicitVRLittleEndian
+    assert deflated.odd_length and deflated.needs_rewrite
+
+
+def test_scan_not_dicom(tmp_path: Path) -> None:
+    (tmp_path / "notes.txt").write_text("not DICOM")
+    with pytest.raises(NotDicomError):
+        scan(tmp_path / "notes.txt")
+
+
+# --- presentation contexts --------------------------------------------------------------------
+
+def test_syntax_groups() -> None:
+    assert syntax_groups({ImplicitVRLittleEndian}) == [[ImplicitVRLittleEndian]]
+    assert syntax_groups({ExplicitVRLittleEndian}) == [[ExplicitVRLittleEndian],
+                                                        [ImplicitVRLittleEndian]]
+    # A compressed syntax alone in its context, the uncompressed fallback in another.
+    assert syntax_groups({JPEGBaseline8Bit}) == [[JPEGBaseline8Bit],
+                                                 [ExplicitVRLittleEndian, ImplicitVRLittleEndian]]
+
+
+def _synthetic(count: int, syntax: str = ExplicitVRLittleEndian) -> list[Instance]:
+    return [Instance(Path(f"/x/{n}.dcm"), f"1.2.826.0.1.3680043.2.1125.9.{n}", f"1.2.3.{n}", syntax)
+            for n in range(count)]
+
+
+def test_split_batches_past_128_contexts() -> None:
+    # 200 SOP classes, two contexts each ([ELE], [ILE]): 64 classes per association at most.
+    instances = _synthetic(200) + _synthetic(200)  # the same classes again: no new contexts
+    batches = split_batches(instances)
+    assert len(batches) == 4
+    assert sorted(i.sop_uid for b in batches for i in b) == sorted(i.sop_uid for i in instances)
+    for batch in batches:
+        contexts = contexts_for(batch)
+        assert len(contexts) <= MAX_CONTEXTS
+        assert {cx.abstract_syntax for cx in contexts} == {i.sop_class for i in batch}
+
+
+def test_split_batches_keeps_small_runs_together() -> None:
+    instances = _synthetic(10) + _synthetic(3, JPEGBaseline8Bit)
+    [batch] = split_batches(instances)
+    assert batch == instances
+    assert len(contexts_for(batch)) == 10 * 2 + 3  # JPEG adds its own context per class
+
+
+def test_split_batches_single_class_many_syntaxes() -> None:
+    instances = [Instance(Path(f"/x/{n}"), CT, f"1.2.{n}", f"1.2.840.10008.1.2.4.{n}")
+                 for n in range(200)]
+    batches = split_batches(instances, max_contexts=128)
+    assert all(len(contexts_for(b)) <= 128 for b in batches)
+    assert sum(len(b) for b in batches) == 200
+
+
+# --- transcode helpers ------------------------------------------------------------------------
+
+def test_pad_odd_fragments_moves_offsets() -> None:
+    fragments = [b"abc", b"de", b"fgh"]  # frame 1: abc+de, frame 2: fgh
+    bot = struct.pack("<2I", 0, 8 + 3 + 8 + 2)
+    value = _item(bot) + b"".join(_item(f) for f in fragments)
+    padded, count = pad_odd_fragments(value)
+    assert count == 2
+    assert padded == (_item(struct.pack("<2I", 0, 8 + 4 + 8 + 2))
+                      + _item(b"abc\x00") + _item(b"de") + _item(b"fgh\x00"))
+
+
+def test_pad_odd_fragments_drops_a_wrong_table() -> None:
+    value = _item(struct.pack("<I", 5)) + _item(b"abc")
+    padded, count = pad_odd_fragments(value)
+    assert count == 1 and padded == _item(b"") + _item(b"abc\x00")
+
+
+# --- the core on real associations ------------------------------------------------------------
+
+def test_core_does_not_load_the_cli_libraries() -> None:
+    # tqdm is not checked: pydicom itself imports it (pydicom.data's downloader).
+    code = ("import sys, pacscli.net.store, pacscli.dicom.transcode; "
+            "print([m for m in ('typer', 'rich') if m in sys.modules])")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+
+
+def _settings(tmp_path: Path) -> Settings:
+    return Settings(archive=tmp_path / "archive")
+
+
+def test_no_input_is_a_usage_error(tmp_path: Path) -> None:
+    with pytest.raises(UsageError):
+        list(store(_settings(tmp_path), parse_remote("X@127.0.0.1:1"), []))
+
+
+def test_closed_port_fails_every_instance_then_raises(tmp_path: Path) -> None:
+    remote = parse_remote(f"NOBODY@127.0.0.1:{free_port()}")
+    records: list[dict[str, Any]] = []
+    with pytest.raises(NetworkError) as caught:
+        for record in store(_settings(tmp_path), remote,
+                            [{"path": str(testdata("explicit_le"))},
+                             {"path": str(testdata("jpeg_baseline"))}]):
+            records.append(record)
+    assert caught.value.code == "connection-failed"
+    assert [r["status"] for r in records] == ["failed", "failed"]
+    assert all(r["error"]["code"] == "connection-failed" for r in records)
+
+
+@contextmanager
+def vanishing_peer() -> Iterator[tuple[int, list[str]]]:
+    """A pynetdicom storage SCP that accepts one C-STORE, then aborts and stops listening."""
+    from pynetdicom import AE, AllStoragePresentationContexts, evt
+
+    received: list[str] = []
+    ae = AE(ae_title="VANISH")
+    ae.supported_contexts = AllStoragePresentationContexts
+    port = free_port()
+    server: Any = None
+    stopper: list[threading.Thread] = []
+
+    def on_store(event: Any) -> int:
+        if received:
+            if not stopper:  # nothing listens any more
+                stopper.append(threading.Thread(target=server.shutdown))
+                stopper[0].start()
+            event.assoc.abort()
+            return 0xA700
+        received.append(str(event.request.AffectedSOPInstanceUID))
+        return 0x0000
+
+    server = ae.start_server(("127.0.0.1", port), block=False,
+                             evt_handlers=[(evt.EVT_C_STORE, on_store)])
+    try:
+        yield port, received
+    finally:
+        if stopper:
+            stopper[0].join(10)
+        else:
+            server.shutdown()
+
+
+def test_peer_vanishing_mid_run_fails_the_rest(tmp_path: Path) -> None:
+    names = ["explicit_le", "implicit_le", "rtdose", "sr"]
+    with vanishing_peer() as (port, received):
+        records = list(store(_settings(tmp_path), parse_remote(f"VANISH@127.0.0.1:{port}"),
+                             [{"path": str(testdata(n))} for n in names]))
+    assert len(records) == 4  # none silently lost
+    assert records[0]["status"] == "ok" and received == [records[0]["SOPInstanceUID"]]
+    assert records[1]["status"] == "failed"
+    assert records[1]["error"]["code"] == "association-aborted"
+    assert all(r["status"] == "failed" for r in records[2:])
+    assert all(r["error"]["code"] in ("connection-failed", "association-aborted")
+               for r in records[2:])
