@@ -11,6 +11,7 @@ The config file (``--config``, else ``PACS_CONFIG``, else the per-user config fo
     allow = ["CT1", "MR1"]        # calling AE titles let in; empty lets in everyone
     require_called_aet = true
     max_associations = 16
+    qr_from_unknown = true        # may AEs not among [remotes] query and retrieve?
 
     [storage]
     durability = "fsync"          # or "none": faster, but a power cut may lose recent files
@@ -24,6 +25,7 @@ The config file (``--config``, else ``PACS_CONFIG``, else the per-user config fo
     ae_title = "ORTHANC"
     host = "10.0.0.5"
     port = 4242
+    permissions = ["find", "move"]  # what it may ask of `pacs serve` (default: all)
 """
 
 from __future__ import annotations
@@ -44,6 +46,8 @@ APP_NAME = "pacscli"
 DEFAULT_AE_TITLE = "PACSCLI"
 DEFAULT_PORT = 11112
 
+QR_PERMISSIONS = frozenset({"find", "move", "get"})
+
 Durability = Literal["fsync", "none"]
 ConflictPolicy = Literal["keep", "replace"]
 
@@ -57,6 +61,8 @@ class Remote:
     port: int
     name: str | None = None
     tls: bool = False
+    # What this AE may ask of `pacs serve` as a calling AE (Q/R access control).
+    permissions: frozenset[str] = frozenset({"find", "move", "get"})
 
     def __str__(self) -> str:
         host = f"[{self.host}]" if ":" in self.host else self.host
@@ -83,6 +89,9 @@ class ServeSettings:
     allow: tuple[str, ...] = ()
     require_called_aet: bool = True
     max_associations: int = 16
+    # May a calling AE that is not among [remotes] query and retrieve? Remotes have
+    # their own `permissions`.
+    qr_from_unknown: bool = True
 
 
 @dataclass(frozen=True)
@@ -120,6 +129,13 @@ class Settings:
             f"unknown remote {spec!r}: give AET@HOST:PORT or a name from [remotes] "
             f"in the config file (known: {known})"
         )
+
+    def may(self, calling_aet: str, operation: str) -> bool:
+        """May `calling_aet` ask `pacs serve` for `operation` (find, move or get)?"""
+        remote = self.remote_by_ae_title(calling_aet)
+        if remote is None:
+            return self.serve.qr_from_unknown
+        return operation in remote.permissions
 
     def remote_by_ae_title(self, ae_title: str) -> Remote | None:
         """The configured remote whose AE title is `ae_title` (C-MOVE destinations)."""
@@ -218,7 +234,12 @@ def load_settings(
         spec = f"{table['ae_title']}@{table['host']}:{table['port']}"
         remote = parse_remote(spec if ":" not in str(table["host"]) else
                               f"{table['ae_title']}@[{table['host']}]:{table['port']}", name)
-        remotes[name] = replace(remote, tls=bool(table.get("tls", False)))
+        permissions = table.get("permissions", ["find", "move", "get"])
+        if not isinstance(permissions, list) or not set(permissions) <= QR_PERMISSIONS:
+            raise ConfigError(f"[remotes.{name}] permissions must be a list drawn from "
+                              f"{sorted(QR_PERMISSIONS)}")
+        remotes[name] = replace(remote, tls=bool(table.get("tls", False)),
+                                permissions=frozenset(permissions))
 
     file_archive = data.get("archive")
     archive_path = (

@@ -15,10 +15,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pacscli.dicom.identity import INDEXED_ATTRIBUTES, InstanceInfo
+from pacscli.dicom.attributes import INDEXED_ATTRIBUTES, InstanceInfo
 from pacscli.errors import ArchiveError
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 _LEVEL_TABLES = {"patient": "patients", "study": "studies", "series": "series", "instance": "instances"}
 
@@ -68,6 +68,11 @@ CREATE INDEX studies_date ON studies(StudyDate);
 CREATE INDEX studies_accession ON studies(AccessionNumber);
 CREATE INDEX series_study ON series(study_pk);
 CREATE INDEX instances_series ON instances(series_pk);
+""",
+    # Case-insensitive person name matching (`pacs find --ci-names`, C-FIND fuzzy matching):
+    # an ASCII prefix of a name seeks in this index before the exact Unicode comparison.
+    2: """
+CREATE INDEX IF NOT EXISTS patients_name_lower ON patients(lower(PatientName));
 """,
 }
 
@@ -289,6 +294,12 @@ class Index:
             for row in rows:
                 yield IndexedFile(*row)
             last = int(rows[-1][0])
+
+    def files_between(self, low: int, high: int) -> list[IndexedFile]:
+        """The indexed files whose pk is in [low, high): a unit of `pacs verify`'s work."""
+        rows = self.connection().execute(f"{_FILE_QUERY} WHERE i.pk >= ? AND i.pk < ?",
+                                         (low, high)).fetchall()
+        return [IndexedFile(*row) for row in rows]
 
     def file_of(self, sop_uid: str) -> IndexedFile | None:
         """The indexed file of an instance, as the index says now."""

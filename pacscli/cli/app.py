@@ -9,7 +9,7 @@ from __future__ import annotations
 import typer
 
 from pacscli import __version__
-from pacscli.cli import serve
+from pacscli.cli import echo, find, get, index, move, serve, store, verify
 
 app = typer.Typer(
     name="pacs",
@@ -35,7 +35,14 @@ def _root(
     """A PACS as a toolkit of composable DICOM commands that speak JSON lines."""
 
 
+app.command("echo")(echo.echo)
+app.command("find")(find.find)
+app.command("move")(move.move)
+app.command("get")(get.get)
+app.command("index")(index.index)
 app.command("serve")(serve.serve)
+app.command("verify")(verify.verify)
+app.command("store")(store.store)
 
 
 def main() -> None:

@@ -184,3 +184,35 @@ def _cell(value: Any) -> str:
     if isinstance(value, list):
         return "\\".join(str(v) for v in value)
     return str(value)
+
+
+def progress_bar(unit: str = "file") -> tuple[Callable[[int, int], None] | None, Callable[[], None]]:
+    """A tqdm bar on stderr when it is a terminal: (progress(done, total) callback, close)."""
+    if not sys.stderr.isatty():
+        return None, lambda: None
+    from tqdm import tqdm
+
+    tqdm.monitor_interval = 0  # no monitor thread: commands fork worker processes
+    bars: list[Any] = []
+
+    def progress(done: int, total: int) -> None:
+        if not bars:
+            bars.append(tqdm(total=total, unit=unit, file=sys.stderr, leave=False))
+        bars[0].total = total
+        bars[0].update(done - bars[0].n)
+
+    def close() -> None:
+        for bar in bars:
+            bar.close()
+
+    return progress, close
+
+
+def quiet_pydicom(verbose: int) -> None:
+    """Silence pydicom's warnings about odd values of dirty files unless -v: the records say
+    what matters. Call after pydicom's import, which sets its own logger's level."""
+    if not verbose:
+        import warnings
+
+        logging.getLogger("pydicom").setLevel(logging.CRITICAL)
+        warnings.filterwarnings("ignore", module=r"pydicom(\.|$)")

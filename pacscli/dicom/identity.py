@@ -1,13 +1,12 @@
 """What the archive needs to know about an instance, read without touching its pixel data.
 
-`INDEXED_ATTRIBUTES` lists, per Q/R level, the attributes the index keeps (PS3.4 C.6 unique,
-required and commonly used optional keys); the index schema is derived from it.
+`INDEXED_ATTRIBUTES` (the attributes the index keeps) and `InstanceInfo` live in
+`pacscli.dicom.attributes`, which does not load pydicom; they are imported here too.
 """
 
 from __future__ import annotations
 
 import zlib
-from dataclasses import dataclass, field
 from io import BytesIO
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -17,45 +16,10 @@ from pydicom.datadict import tag_for_keyword
 from pydicom.errors import InvalidDicomError as PydicomInvalidDicomError
 from pydicom.filereader import _read_file_meta_info, read_dataset, read_preamble
 
+from pacscli.dicom.attributes import INDEXED_ATTRIBUTES as INDEXED_ATTRIBUTES
+from pacscli.dicom.attributes import InstanceInfo as InstanceInfo
 from pacscli.dicom.uids import clean_uid, require_safe_uid
 from pacscli.errors import InvalidDicomError
-
-INDEXED_ATTRIBUTES: dict[str, tuple[str, ...]] = {
-    "patient": (
-        "PatientID",
-        "IssuerOfPatientID",
-        "PatientName",
-        "PatientBirthDate",
-        "PatientSex",
-        "OtherPatientIDs",
-    ),
-    "study": (
-        "StudyInstanceUID",
-        "StudyDate",
-        "StudyTime",
-        "AccessionNumber",
-        "StudyID",
-        "StudyDescription",
-        "ReferringPhysicianName",
-    ),
-    "series": (
-        "SeriesInstanceUID",
-        "Modality",
-        "SeriesNumber",
-        "SeriesDescription",
-        "SeriesDate",
-        "SeriesTime",
-        "BodyPartExamined",
-    ),
-    "instance": (
-        "SOPInstanceUID",
-        "SOPClassUID",
-        "InstanceNumber",
-        "ContentDate",
-        "ContentTime",
-        "NumberOfFrames",
-    ),
-}
 
 _KEYWORD_TAGS = [(kw, tag_for_keyword(kw)) for kws in INDEXED_ATTRIBUTES.values() for kw in kws]
 _READ_TAGS = [tag for _, tag in _KEYWORD_TAGS] + [tag_for_keyword("SpecificCharacterSet")]
@@ -84,22 +48,6 @@ def _read_header(fp: BinaryIO, transfer_syntax: str, *, part10: bool) -> pydicom
         return ds
     fp.seek(0)
     return pydicom.dcmread(fp, stop_before_pixels=True, specific_tags=_READ_TAGS)
-
-
-@dataclass
-class InstanceInfo:
-    """An instance's UIDs, indexed attributes and where its dataset starts in the file."""
-
-    study_uid: str
-    series_uid: str
-    sop_uid: str
-    sop_class_uid: str
-    transfer_syntax: str
-    dataset_offset: int
-    specific_character_set: str | None = None
-    attributes: dict[str, str | None] = field(default_factory=dict)
-    meta_sop_uid: str | None = None
-    source_aet: str | None = None
 
 
 def _text(value: Any) -> str | None:

@@ -8,7 +8,15 @@ functions take microseconds. Only the elements the services we implement use are
 from __future__ import annotations
 
 import struct
+import zlib
 from dataclasses import dataclass, field
+from io import BytesIO
+
+from pydicom.dataset import Dataset
+from pydicom.filebase import DicomBytesIO
+from pydicom.filereader import read_dataset
+from pydicom.filewriter import write_dataset
+from pydicom.uid import UID, ExplicitVRLittleEndian
 
 # Command Field values (PS3.7 E.1)
 C_STORE_RQ, C_STORE_RSP = 0x0001, 0x8001
@@ -125,3 +133,29 @@ def encode_command(**elements: int | str | None) -> bytes:
     if elements:
         raise CommandError(f"unknown command elements: {', '.join(elements)}")
     return struct.pack("<HHII", 0, 0, 4, len(body)) + bytes(body)
+
+
+def decode_identifier(data: bytes, transfer_syntax: str) -> Dataset:
+    """A query/retrieve identifier (or any small dataset) received in `transfer_syntax`."""
+    uid = UID(transfer_syntax)
+    if uid.is_deflated:
+        data = zlib.decompress(data, -zlib.MAX_WBITS)
+        uid = UID(ExplicitVRLittleEndian)
+    ds = read_dataset(BytesIO(data), uid.is_implicit_VR, uid.is_little_endian)
+    ds.set_original_encoding(uid.is_implicit_VR, uid.is_little_endian, ds._character_set)
+    return ds
+
+
+def encode_identifier(ds: Dataset, transfer_syntax: str) -> bytes:
+    """Encode a response identifier in the context's `transfer_syntax`."""
+    uid = UID(transfer_syntax)
+    fp = DicomBytesIO()
+    deflated = uid.is_deflated
+    fp.is_implicit_VR = False if deflated else uid.is_implicit_VR
+    fp.is_little_endian = True if deflated else uid.is_little_endian
+    write_dataset(fp, ds)
+    data: bytes = fp.getvalue()
+    if deflated:
+        compressor = zlib.compressobj(zlib.Z_DEFAULT_COMPRESSION, zlib.DEFLATED, -zlib.MAX_WBITS)
+        data = compressor.compress(data) + compressor.flush()
+    return data

@@ -8,22 +8,27 @@ single insert path (`Archive.put_received`).
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 from pydicom.uid import AllTransferSyntaxes
 
 from pacscli.archive.archive import Archive
+from pacscli.archive.query import RetrieveItem
 from pacscli.config import Settings
 from pacscli.errors import InvalidDicomError, OutOfResourcesError, PacsError
 from pacscli.net.dimse import (
     C_ECHO_RQ,
     C_ECHO_RSP,
+    C_FIND_RQ,
+    C_GET_RQ,
+    C_MOVE_RQ,
     C_STORE_RQ,
     C_STORE_RSP,
     NO_DATASET,
     Command,
     encode_command,
 )
+from pacscli.net.scp_qr import MODELS, QR_TRANSFER_SYNTAXES, handle_find, handle_get, handle_move
 from pacscli.net.server import Association, AssociationServer, Context, Dataset, ServerConfig, Service
 from pacscli.net.sop_classes import storage_sop_classes
 from pacscli.records import Record, failed
@@ -93,9 +98,20 @@ def handle_store(archive: Archive, emit: RecordSink) -> Service:
     return service
 
 
+def send_for_move(settings: Settings, destination_aet: str,
+                  items: list[RetrieveItem]) -> Iterator[Record]:
+    """C-MOVE sub-operations: `pacs store`'s SCU sends the instances to the destination."""
+    from pacscli.net.store import store
+
+    remote = settings.remote_by_ae_title(destination_aet)
+    assert remote is not None  # checked by the C-MOVE service
+    yield from store(settings, remote, ({"path": str(item.path)} for item in items))
+
+
 class DicomServer:
-    """The DICOM SCP of `pacs serve`: C-ECHO and C-STORE (every storage SOP class, every
-    transfer syntax pydicom knows) over one archive."""
+    """The DICOM SCP of `pacs serve` over one archive: C-ECHO, C-STORE (every storage SOP
+    class, every transfer syntax pydicom knows), and C-FIND/C-MOVE/C-GET (Patient Root and
+    Study Root)."""
 
     def __init__(self, settings: Settings, archive: Archive, emit: RecordSink) -> None:
         syntaxes = frozenset(str(ts) for ts in AllTransferSyntaxes)
@@ -108,7 +124,14 @@ class DicomServer:
             max_associations=serve.max_associations, acse_timeout=net.acse_timeout,
             network_timeout=net.network_timeout,
         )
-        services: dict[int, Service] = {C_ECHO_RQ: handle_echo, C_STORE_RQ: handle_store(archive, emit)}
+        supported.update({uid: QR_TRANSFER_SYNTAXES for uid in MODELS})
+        services: dict[int, Service] = {
+            C_ECHO_RQ: handle_echo,
+            C_STORE_RQ: handle_store(archive, emit),
+            C_FIND_RQ: handle_find(settings, archive),
+            C_MOVE_RQ: handle_move(settings, archive, send_for_move),
+            C_GET_RQ: handle_get(settings, archive),
+        }
         self.server = AssociationServer(config, services, archive.staging)
 
     def start(self, bind: str, port: int) -> tuple[str, int]:

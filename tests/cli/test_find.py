@@ -1,0 +1,240 @@
+"""`pacs find` against DCMTK's dcmqrscp holding pydicom's test files and small synthetic
+studies, and the same queries on the local archive's index (`--archive`)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from pacscli.archive.archive import Archive
+from tests.conftest import free_port
+from tests.qr_data import (
+    CT1_STUDY,
+    HOLMES_SERIES_1,
+    HOLMES_STUDY_1,
+    HOLMES_STUDY_2,
+    LESTRADE_SERIES,
+    LESTRADE_STUDY,
+    MR1_STUDY,
+    US1_STUDY,
+    WATSON_STUDY,
+    Dcmqrscp,
+    corpus,
+    records,
+    run_pacs,
+)
+
+
+@pytest.fixture(scope="module")
+def peer(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Dcmqrscp, Path]]:
+    """dcmqrscp holding the corpus, and an archive holding the same files (Archive.put)."""
+    work = tmp_path_factory.mktemp("find")
+    files = corpus(work / "files")
+    qrscp = Dcmqrscp(work / "qrscp").start(files)
+    store = Archive(work / "archive")
+    for path in files:
+        store.put(path)
+    store.close()
+    yield qrscp, work / "archive"
+    qrscp.stop()
+
+
+def find(peer: tuple[Dcmqrscp, Path], tmp_path: Path, *args: str,
+         local: bool = False) -> subprocess.CompletedProcess[str]:
+    qrscp, archive = peer
+    where = ["--archive", str(archive)] if local else [qrscp.remote]
+    return run_pacs(tmp_path, "find", *where, *args)
+
+
+def uids(result: subprocess.CompletedProcess[str], key: str = "StudyInstanceUID") -> set[str]:
+    assert result.returncode == 0, result.stderr
+    return {r[key] for r in records(result)}
+
+
+def test_study_level_wildcard_name(peer: tuple[Dcmqrscp, Path], tmp_path: Path) -> None:
+    result = find(peer, tmp_path, "--level", "study", "-k", "PatientName=CompressedSamples*")
+    assert uids(result) == {CT1_STUDY, MR1_STUDY, US1_STUDY}
+    got = records(result)
+    assert all(r["QueryRetrieveLevel"] == "STUDY" for r in got)
+    assert all(r["RetrieveAETitle"] == "QRSCP" for r in got)
+    ct = next(r for r in got if r["StudyInstanceUID"] == CT1_STUDY)
+    assert ct["PatientID"] == "1CT1" and ct["StudyDate"] == "20040119"
+    assert ct["PatientName"] == "CompressedSamples^CT1"
+    assert list(ct)[:4] == ["QueryRetrieveLevel", "PatientName", "PatientID", "PatientBirthDate"]
+    assert "pacs find: 3 study matches in" in result.stderr
+
+
+def test_date_ranges(peer: tuple[Dcmqrscp, Path], tmp_path: Path) -> None:
+    assert uids(find(peer, tmp_path, "-k", "StudyDate=20040101-20041231")) == {
+        CT1_STUDY, MR1_STUDY, US1_STUDY}
+    assert uids(find(peer, tmp_path, "-k", "StudyDate=20240201-")) == {HOLMES_STUDY_2, WATSON_STUDY}
+    assert len(uids(find(peer, tmp_path, "-k", "StudyDate=-20031231"))) == 3
+
+
+def test_uid_list(peer: tuple[Dcmqrscp, Path], tmp_path: Path) -> None:
+    result = find(peer, tmp_path, "-k", f"StudyInstanceUID={CT1_STUDY}\\{WATSON_STUDY}")
+    assert uids(result) == {CT1_STUDY, WATSON_STUDY}
+
+
+def test_series_and_image_levels(peer: tuple[Dcmqrscp, Path], tmp_path: Path) -> None:
+    series = find(peer, tmp_path, "--level", "series", "-k", f"StudyInstanceUID={HOLMES_STUDY_1}")
+    assert uids(series, "SeriesInstanceUID") == {HOLMES_SERIES_1, HOLMES_SERIES_1[:-1] + "2"}
+    assert {r["Modality"] for r in records(series)} == {"CT"}
+    assert {r["QueryRetrieveLevel"] for r in records(series)} == {"SERIES"}
+    images = find(peer, tmp_path, "--level", "image", "-k", f"StudyInstanceUID={LESTRADE_STUDY}",
+                  "-k", f"SeriesInstanceUID={LESTRADE_SERIES}")
+    got = records(images)
+    assert len(got) == 2 and {r["QueryRetrieveLevel"] for r in got} == {"IMAGE"}
+    assert all(r["StudyInstanceUID"] == LESTRADE_STUDY and r["SOPInstanceUID"] for r in got)
+
+
+def test_patient_root(peer: tuple[Dcmqrscp, Path], tmp_path: Path) -> None:
+    patients = find(peer, tmp_path, "--model", "patient", "--level", "patient",
+                    "-k", "PatientName=Holmes*")
+    [holmes] = records(patients)
+    assert holmes["PatientID"] == "HOLMES1" and holmes["QueryRetrieveLevel"] == "PATIENT"
+    studies = find(peer, tmp_path, "--model", "patient", "--level", "study",
+                   "-k", "PatientID=HOLMES1")
+    assert uids(studies) == {HOLMES_STUDY_1, HOLMES_STUDY_2}
+    assert all(r["PatientID"] == "HOLMES1" for r in records(studies))
+
+
+# The keys dcmqrscp supports at each level (it drops the others from its responses).
+STUDY_KEYS = ["PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyDate",
+              "StudyTime", "AccessionNumber", "StudyID", "StudyDescription",
+              "ReferringPhysicianName"]
+SAME_QUERIES = [
+    ("study", [f"-k{k}" for k in STUDY_KEYS] + ["-kPatientName=CompressedSamples*"]),
+    ("study", [f"-k{k}" for k in STUDY_KEYS] + ["-kStudyDate=20040101-20041231"]),
+    ("study", [f"-k{k}" for k in STUDY_KEYS] + ["-kStudyDate=20240201-"]),
+    ("study", [f"-k{k}" for k in STUDY_KEYS] + [f"-kStudyInstanceUID={CT1_STUDY}\\{WATSON_STUDY}"]),
+    ("study", [f"-k{k}" for k in STUDY_KEYS] + ["-kPatientName=*^Sherlock"]),
+    ("study", [f"-k{k}" for k in STUDY_KEYS]),
+    ("series", ["-kModality", "-kSeriesNumber", f"-kStudyInstanceUID={HOLMES_STUDY_1}"]),
+    ("series", ["-kModality=CT", "-kSeriesNumber"]),
+    ("image", ["-kInstanceNumber", f"-kStudyInstanceUID={HOLMES_STUDY_1}",
+               f"-kSeriesInstanceUID={HOLMES_SERIES_1}"]),
+    ("image", ["-kInstanceNumber", f"-kSOPInstanceUID={HOLMES_SERIES_1.replace('.2.1', '.3.1')}.2"]),
+]
+
+
+def _comparable(result: subprocess.CompletedProcess[str]) -> list[dict[str, Any]]:
+    assert result.returncode == 0, result.stderr
+    got = [{k: v for k, v in r.items() if k != "RetrieveAETitle"} for r in records(result)]
+    return sorted(got, key=lambda r: sorted((k, str(v)) for k, v in r.items()))
+
+
+@pytest.mark.parametrize(("level", "keys"), SAME_QUERIES)
+def test_archive_gives_the_same_records_as_dcmqrscp(peer: tuple[Dcmqrscp, Path], tmp_path: Path,
+                                                    level: str, keys: list[str]) -> None:
+    remote = _comparable(find(peer, tmp_path, "--level", level, "--no-defaults", *keys))
+    local = _comparable(find(peer, tmp_path, "--level", level, "--no-defaults", *keys, local=True))
+    assert remote, "the query should match something"
+    assert local == remote
+
+
+def test_archive_gives_the_same_records_in_patient_root(peer: tuple[Dcmqrscp, Path],
+                                                        tmp_path: Path) -> None:
+    for level, keys in (("patient", ["-kPatientName=Holmes*", "-kPatientBirthDate", "-kPatientSex"]),
+                        ("study", ["-kPatientID=HOLMES1", "-kStudyDate", "-kAccessionNumber"])):
+        args = ("--model", "patient", "--level", level, "--no-defaults", *keys)
+        remote = _comparable(find(peer, tmp_path, *args))
+        assert remote and _comparable(find(peer, tmp_path, *args, local=True)) == remote
+
+
+def test_limit_cancels_the_query(peer: tuple[Dcmqrscp, Path], tmp_path: Path) -> None:
+    result = find(peer, tmp_path, "--limit", "2")
+    assert result.returncode == 0, result.stderr
+    assert len(records(result)) == 2
+    assert len(records(find(peer, tmp_path, "--limit", "2", local=True))) == 2
+
+
+def test_case_insensitive_names(peer: tuple[Dcmqrscp, Path], tmp_path: Path) -> None:
+    local = find(peer, tmp_path, "--ci-names", "-k", "PatientName=holmes*", local=True)
+    assert uids(local) == {HOLMES_STUDY_1, HOLMES_STUDY_2}
+    remote = find(peer, tmp_path, "--ci-names", "-k", "PatientName=holmes*")
+    assert remote.returncode == 0
+    assert "did not agree to fuzzy person name matching" in remote.stderr
+
+
+def test_csv_and_quiet(peer: tuple[Dcmqrscp, Path], tmp_path: Path) -> None:
+    result = find(peer, tmp_path, "-q", "--format", "csv", "-k", "PatientID=HOLMES1", local=True)
+    assert result.returncode == 0 and result.stderr == ""
+    lines = result.stdout.splitlines()
+    assert lines[0].startswith("QueryRetrieveLevel,PatientName,PatientID") and len(lines) == 3
+
+
+@pytest.fixture
+def failing_scp() -> Iterator[int]:
+    """A pynetdicom C-FIND SCP (AE PEER) that answers every query with 0xC001 after one match."""
+    from pydicom.dataset import Dataset
+    from pynetdicom import AE, evt
+    from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind
+
+    def handler(event: Any) -> Iterator[tuple[Any, Any]]:
+        match = Dataset()
+        match.QueryRetrieveLevel, match.StudyInstanceUID = "STUDY", "1.2.3"
+        yield 0xFF00, match
+        status = Dataset()
+        status.Status, status.ErrorComment = 0xC001, "index offline"
+        yield status, None
+
+    ae = AE(ae_title="PEER")
+    ae.add_supported_context(StudyRootQueryRetrieveInformationModelFind)
+    port = free_port()
+    server = ae.start_server(("127.0.0.1", port), block=False,
+                             evt_handlers=[(evt.EVT_C_FIND, handler)])
+    yield port
+    server.shutdown()
+
+
+def test_peer_failure_status_exits_4(failing_scp: int, tmp_path: Path) -> None:
+    result = run_pacs(tmp_path, "find", f"PEER@127.0.0.1:{failing_scp}")
+    assert result.returncode == 4
+    assert "answered C-FIND with failure status 0xC001 (Unable to Process): index offline" \
+        in result.stderr
+    first, last = records(result)
+    assert first["StudyInstanceUID"] == "1.2.3"  # what came before the failure is kept
+    assert last["status"] == "failed" and last["error"]["code"] == "find-failed"
+
+
+def test_connection_refused_exits_3(tmp_path: Path) -> None:
+    result = run_pacs(tmp_path, "find", f"QRSCP@127.0.0.1:{free_port()}")
+    assert result.returncode == 3
+    assert "connection refused" in result.stderr
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["-k", "PatientNme=X"], "unknown DICOM attribute 'PatientNme'"),
+    (["-k", "Modality=CT"], "Modality is a series-level key"),
+    (["--level", "patient"], "Patient Root"),
+    (["--level", "frame"], "unknown query level"),
+])
+def test_usage_errors_exit_2(peer: tuple[Dcmqrscp, Path], tmp_path: Path, args: list[str],
+                             message: str) -> None:
+    result = find(peer, tmp_path, *args, local=True)
+    assert result.returncode == 2
+    assert message in result.stderr
+
+
+def test_archive_that_does_not_exist(tmp_path: Path) -> None:
+    result = run_pacs(tmp_path, "find", "--archive", str(tmp_path / "none"))
+    assert result.returncode == 2 and "no archive at" in result.stderr
+    assert not (tmp_path / "none").exists()
+
+
+def test_remote_and_archive_together(peer: tuple[Dcmqrscp, Path], tmp_path: Path) -> None:
+    qrscp, archive = peer
+    result = run_pacs(tmp_path, "find", qrscp.remote, "--archive", str(archive))
+    assert result.returncode == 2 and "not both" in result.stderr
+
+
+def test_find_core_does_not_load_cli_modules() -> None:
+    code = ("import sys, pacscli.net.find, pacscli.net.move, pacscli.net.get; "
+            "assert not {'typer', 'rich'} & set(sys.modules), sorted(sys.modules)")
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=60)

@@ -1,0 +1,180 @@
+"""`pacs serve` as a Query/Retrieve SCP, driven by DCMTK's findscu, movescu and getscu and by
+a pynetdicom SCU for C-CANCEL."""
+
+from __future__ import annotations
+
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pydicom
+import pytest
+from pydicom.dataset import Dataset
+from pynetdicom import AE
+from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind
+
+from pacscli.archive.archive import Archive
+from tests.conftest import DCMTK_ENV, Server, free_port, require, start_server
+from tests.qr_data import (
+    HOLMES_SERIES_1,
+    HOLMES_STUDY_1,
+    HOLMES_STUDY_2,
+    WATSON_STUDY,
+    StoreSCP,
+    corpus,
+    sop_uids_of_studies,
+    synthetic,
+)
+
+
+@pytest.fixture(scope="module")
+def qr(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Server, list[Path], StoreSCP]]:
+    """pacs serve over an archive holding the Q/R corpus, with DEST (a DCMTK storescp) as
+    its only configured move destination."""
+    tmp = tmp_path_factory.mktemp("serve-qr")
+    files = corpus(tmp / "corpus")
+    archive = Archive(tmp / "serve" / "archive")
+    for path in files:
+        archive.put(path)
+    archive.close()
+    dest = StoreSCP(tmp / "dest", free_port()).start()
+    (tmp / "serve" / "config.toml").write_text(
+        f'[remotes.DEST]\nae_title = "STORESCP"\nhost = "127.0.0.1"\nport = {dest.port}\n')
+    server = start_server(tmp / "serve", archive=tmp / "serve" / "archive")
+    yield server, files, dest
+    server.stop()
+    dest.stop()
+
+
+def dcmtk(tool: str, server: Server, *args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    cwd.mkdir(parents=True, exist_ok=True)
+    return subprocess.run([require(tool), "-aec", "PACSCLI", *args, "127.0.0.1", str(server.port)],
+                          capture_output=True, text=True, cwd=cwd, env=DCMTK_ENV, timeout=120)
+
+
+def find(server: Server, tmp: Path, *keys: str, patient_root: bool = False) -> list[Dataset]:
+    """findscu, each response extracted to a file (-X) and read back."""
+    args = ["-P" if patient_root else "-S", "-X"]
+    for key in keys:
+        args += ["-k", key]
+    result = dcmtk("findscu", server, *args, cwd=tmp)
+    assert result.returncode == 0, result.stderr
+    return [pydicom.dcmread(p) for p in sorted(tmp.glob("rsp*.dcm"))]
+
+
+def values(responses: list[Dataset], keyword: str) -> set[str]:
+    return {str(ds.get(keyword, "")) for ds in responses}
+
+
+def test_find_study_level_wildcard_name(qr: tuple[Server, list[Path], StoreSCP], tmp_path: Path) -> None:
+    server, _, _ = qr
+    found = find(server, tmp_path, "QueryRetrieveLevel=STUDY", "PatientName=Holmes*",
+                 "StudyInstanceUID", "StudyDate", "ModalitiesInStudy",
+                 "NumberOfStudyRelatedInstances")
+    assert values(found, "StudyInstanceUID") == {HOLMES_STUDY_1, HOLMES_STUDY_2}
+    first = next(ds for ds in found if ds.StudyInstanceUID == HOLMES_STUDY_1)
+    assert int(first.NumberOfStudyRelatedInstances) == 3
+    assert list(first.ModalitiesInStudy) == ["CT"] or first.ModalitiesInStudy == "CT"
+    # only the requested keys come back (plus the level and character set)
+    assert {e.keyword for e in first} <= {"QueryRetrieveLevel", "SpecificCharacterSet", "PatientName",
+                                          "StudyInstanceUID", "StudyDate", "ModalitiesInStudy",
+                                          "NumberOfStudyRelatedInstances", "RetrieveAETitle"}
+
+
+def test_find_date_range_and_uid_list(qr: tuple[Server, list[Path], StoreSCP], tmp_path: Path) -> None:
+    server, _, _ = qr
+    in_range = find(server, tmp_path / "range", "QueryRetrieveLevel=STUDY",
+                    "StudyDate=20240101-20240228", "StudyInstanceUID")
+    assert values(in_range, "StudyInstanceUID") == {HOLMES_STUDY_1, HOLMES_STUDY_2}
+    listed = find(server, tmp_path / "list", "QueryRetrieveLevel=STUDY",
+                  f"StudyInstanceUID={HOLMES_STUDY_2}\\{WATSON_STUDY}")
+    assert values(listed, "StudyInstanceUID") == {HOLMES_STUDY_2, WATSON_STUDY}
+
+
+def test_find_series_and_image_levels(qr: tuple[Server, list[Path], StoreSCP], tmp_path: Path) -> None:
+    server, _, _ = qr
+    series = find(server, tmp_path / "series", "QueryRetrieveLevel=SERIES",
+                  f"StudyInstanceUID={HOLMES_STUDY_1}", "SeriesInstanceUID", "Modality")
+    assert len(series) == 2 and values(series, "Modality") == {"CT"}
+    images = find(server, tmp_path / "images", "QueryRetrieveLevel=IMAGE",
+                  f"StudyInstanceUID={HOLMES_STUDY_1}", f"SeriesInstanceUID={HOLMES_SERIES_1}",
+                  "SOPInstanceUID", "InstanceNumber")
+    assert sorted(int(ds.InstanceNumber) for ds in images) == [1, 2]
+
+
+def test_find_patient_root(qr: tuple[Server, list[Path], StoreSCP], tmp_path: Path) -> None:
+    server, _, _ = qr
+    patients = find(server, tmp_path / "patients", "QueryRetrieveLevel=PATIENT", "PatientID=HOLMES1",
+                    "PatientName", patient_root=True)
+    assert len(patients) == 1 and str(patients[0].PatientName) == "Holmes^Sherlock"
+    studies = find(server, tmp_path / "studies", "QueryRetrieveLevel=STUDY", "PatientID=HOLMES1",
+                   "StudyInstanceUID", patient_root=True)
+    assert values(studies, "StudyInstanceUID") == {HOLMES_STUDY_1, HOLMES_STUDY_2}
+
+
+def test_move_to_a_configured_destination(qr: tuple[Server, list[Path], StoreSCP], tmp_path: Path) -> None:
+    server, files, dest = qr
+    dest.clear()
+    result = dcmtk("movescu", server, "-S", "-aem", "STORESCP", "-k", "QueryRetrieveLevel=STUDY",
+                   "-k", f"StudyInstanceUID={HOLMES_STUDY_1}\\{WATSON_STUDY}", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert dest.received() == sop_uids_of_studies(files, [HOLMES_STUDY_1, WATSON_STUDY])
+
+
+def test_move_to_an_unknown_destination_is_a801(qr: tuple[Server, list[Path], StoreSCP],
+                                                tmp_path: Path) -> None:
+    server, _, _ = qr
+    result = dcmtk("movescu", server, "-S", "-aem", "NOWHERE", "-k", "QueryRetrieveLevel=STUDY",
+                   "-k", f"StudyInstanceUID={HOLMES_STUDY_1}", cwd=tmp_path)
+    assert "MoveDestinationUnknown" in result.stdout + result.stderr
+    assert "[remotes.NOWHERE]" in server.stderr()
+
+
+def test_get_study_and_series(qr: tuple[Server, list[Path], StoreSCP], tmp_path: Path) -> None:
+    server, files, _ = qr
+    result = dcmtk("getscu", server, "-S", "-k", "QueryRetrieveLevel=STUDY",
+                   "-k", f"StudyInstanceUID={HOLMES_STUDY_1}", cwd=tmp_path / "study")
+    assert result.returncode == 0, result.stderr
+    got = {str(pydicom.dcmread(p).SOPInstanceUID) for p in (tmp_path / "study").iterdir()}
+    assert got == sop_uids_of_studies(files, [HOLMES_STUDY_1])
+    result = dcmtk("getscu", server, "-P", "-k", "QueryRetrieveLevel=SERIES",
+                   "-k", "PatientID=HOLMES1", "-k", f"StudyInstanceUID={HOLMES_STUDY_1}",
+                   "-k", f"SeriesInstanceUID={HOLMES_SERIES_1}", cwd=tmp_path / "series")
+    assert result.returncode == 0, result.stderr
+    assert len(list((tmp_path / "series").iterdir())) == 2
+
+
+def test_c_cancel_stops_a_large_find(tmp_path: Path) -> None:
+    archive = Archive(tmp_path / "archive")
+    for n in range(300):
+        ds = synthetic("1.2.3.4", "1.2.3.4.5", f"1.2.3.4.5.{n}", name="Many^Results",
+                       patient_id="MANY", date="20240101", modality="CT", number=n)
+        from tests.qr_data import save
+
+        archive.put(save(ds, tmp_path / "files" / f"{n}.dcm"))
+    archive.close()
+    server = start_server(tmp_path / "serve", archive=tmp_path / "archive", port=free_port())
+    try:
+        ae = AE(ae_title="CANCELLER")
+        ae.add_requested_context(StudyRootQueryRetrieveInformationModelFind)
+        assoc = ae.associate("127.0.0.1", server.port, ae_title="PACSCLI")
+        query = Dataset()
+        query.QueryRetrieveLevel = "IMAGE"
+        query.StudyInstanceUID = "1.2.3.4"
+        query.SeriesInstanceUID = "1.2.3.4.5"
+        query.SOPInstanceUID = ""
+        pending = 0
+        final = None
+        context_id = assoc.accepted_contexts[0].context_id
+        for status, _ in assoc.send_c_find(query, StudyRootQueryRetrieveInformationModelFind, msg_id=7):
+            if status.Status in (0xFF00, 0xFF01):
+                pending += 1
+                if pending == 5:
+                    assoc.send_c_cancel(7, context_id)
+            else:
+                final = status.Status
+        assoc.release()
+        assert final == 0xFE00
+        assert 5 <= pending < 300
+    finally:
+        server.stop()
