@@ -16,6 +16,8 @@ import os
 import shutil
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -26,6 +28,11 @@ from pacscli.config import StorageSettings
 from pacscli.dicom.identity import InstanceInfo, read_instance_info, read_received_info
 from pacscli.dicom.part10 import part10_header
 from pacscli.errors import ArchiveError, OutOfResourcesError
+
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - not POSIX
+    fcntl = None  # type: ignore[assignment]
 
 log = logging.getLogger(__name__)
 
@@ -89,6 +96,7 @@ class Archive:
             self.root.mkdir(parents=True, exist_ok=True)
             self.staging = self.root / layout.STAGING_DIR / str(os.getpid())
             self.staging.mkdir(parents=True, exist_ok=True)
+            (self.root / layout.LOCKS_DIR).mkdir(exist_ok=True)
         except OSError as exc:
             raise _resource_error(exc, f"cannot create the archive at {self.root}") from exc
         self.index = Index(self.root / layout.INDEX_FILE)
@@ -153,29 +161,48 @@ class Archive:
         final = self.root / relpath
         staged, size, sha256, content_sha256 = self._stage(source, info, header)
         try:
-            existing, settled = self._settled(info, content_sha256)
-            if settled is not None:
-                return settled
-            outcome = "stored"
-            if existing is not None and self.abspath(existing.path).exists():
-                self._set_aside(self.abspath(existing.path), info.sop_uid)
-                outcome = "replaced"
-            self._place(staged, final)
-            stored = StoredFile(
-                path=relpath, size=size, sha256=sha256, content_sha256=content_sha256,
-                received_at=final.stat().st_mtime, source_aet=source_aet,
-            )
-            try:
-                if existing is not None and existing.path != relpath:
-                    self.index.delete(info.sop_uid)
-                self.index.upsert(info, stored)
-            except Exception as exc:
-                if outcome == "stored":
-                    final.unlink(missing_ok=True)  # keep files and index in agreement
-                raise ArchiveError(f"cannot index {info.sop_uid}: {exc}") from exc
-            return PutResult(info, final, outcome, size, sha256)
+            with self._instance_lock(info.sop_uid):  # settle, place and index as one step
+                existing, settled = self._settled(info, content_sha256)
+                if settled is not None:
+                    return settled
+                outcome = "stored"
+                if existing is not None and self.abspath(existing.path).exists():
+                    self._set_aside(self.abspath(existing.path), info.sop_uid)
+                    outcome = "replaced"
+                self._place(staged, final)
+                stored = StoredFile(
+                    path=relpath, size=size, sha256=sha256, content_sha256=content_sha256,
+                    received_at=final.stat().st_mtime, source_aet=source_aet,
+                )
+                try:
+                    if existing is not None and existing.path != relpath:
+                        self.index.delete(info.sop_uid)
+                    self.index.upsert(info, stored)
+                except Exception as exc:
+                    if outcome == "stored":
+                        final.unlink(missing_ok=True)  # keep files and index in agreement
+                    raise ArchiveError(f"cannot index {info.sop_uid}: {exc}") from exc
+                return PutResult(info, final, outcome, size, sha256)
         finally:
             staged.unlink(missing_ok=True)
+
+    @contextmanager
+    def _instance_lock(self, sop_uid: str) -> Iterator[None]:
+        """Hold the lock of this SOP Instance UID, across threads and processes, so that
+        settling, placing and indexing an instance is one step whoever else stores it too
+        (two puts of one instance with different content could otherwise leave the file of
+        one under the row of the other). 256 lock files in .locks/ stripe the instances."""
+        if fcntl is None:  # not POSIX: no file locks
+            yield
+            return
+        stripe = hashlib.sha1(sop_uid.encode("ascii", "replace")).hexdigest()[:2]
+        fd = os.open(self.root / layout.LOCKS_DIR / f"{stripe}.lock", os.O_RDWR | os.O_CREAT,
+                     0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)  # releases the lock
 
     def _settled(self, info: InstanceInfo,
                  content_sha256: str) -> tuple[InstanceRow | None, PutResult | None]:
@@ -220,24 +247,25 @@ class Archive:
         info = info or read_instance_info(source)
         hashes = hashes or hash_file(source, info.dataset_offset)
         path = self.recorded_path(source)
-        existing = self.index.lookup(info.sop_uid)
-        outcome = "indexed"
-        if existing is not None and existing.path != path:
-            existing, settled = self._settled(info, hashes.content_sha256)
-            if settled is not None:
-                return settled
-            if existing is not None and self.abspath(existing.path).exists():
-                outcome = "replaced"
         stored = StoredFile(path=path, size=hashes.size, sha256=hashes.sha256,
                             content_sha256=hashes.content_sha256, received_at=hashes.mtime,
                             source_aet=info.source_aet)
-        try:
-            self.index.reindex(info, stored)
-        except Exception as exc:
-            raise ArchiveError(f"cannot index {info.sop_uid}: {exc}") from exc
-        if outcome == "replaced" and existing is not None and \
-                not Path(existing.path).is_absolute():
-            self._set_aside(self.abspath(existing.path), info.sop_uid, move=True)
+        with self._instance_lock(info.sop_uid):
+            existing = self.index.lookup(info.sop_uid)
+            outcome = "indexed"
+            if existing is not None and existing.path != path:
+                existing, settled = self._settled(info, hashes.content_sha256)
+                if settled is not None:
+                    return settled
+                if existing is not None and self.abspath(existing.path).exists():
+                    outcome = "replaced"
+            try:
+                self.index.reindex(info, stored)
+            except Exception as exc:
+                raise ArchiveError(f"cannot index {info.sop_uid}: {exc}") from exc
+            if outcome == "replaced" and existing is not None and \
+                    not Path(existing.path).is_absolute():
+                self._set_aside(self.abspath(existing.path), info.sop_uid, move=True)
         return PutResult(info, source, outcome, hashes.size, hashes.sha256)
 
     def _stage(self, source: bytes | Path, info: InstanceInfo,

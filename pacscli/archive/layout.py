@@ -6,6 +6,7 @@
       .staging/PID/                    files being received or written by process PID
       .replaced/                       earlier versions of instances replaced under on_conflict=replace
       .quarantine/                     corrupt files moved aside by `pacs verify --repair`
+      .locks/                          lock files serialising puts of the same instance
 
 AB and CD are the first four hex digits of the SHA-1 of the Study Instance UID, so the two
 fan-out levels hold at most 256 entries each, whatever the number of studies. Every UID is
@@ -22,6 +23,7 @@ STUDIES_DIR = "studies"
 STAGING_DIR = ".staging"
 REPLACED_DIR = ".replaced"
 QUARANTINE_DIR = ".quarantine"
+LOCKS_DIR = ".locks"
 INSTANCE_SUFFIX = ".dcm"
 
 

@@ -1,0 +1,139 @@
+"""`pacs index` as a command: records, exit codes, stdin, and a rebuild after `pacs serve`."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+from pydicom.data import get_testdata_file
+
+from pacscli.archive import layout
+from pacscli.archive.index import Index
+from tests.conftest import DCMTK_ENV, TESTDATA, require, start_server, testdata
+from tests.dicom_files import junk_folder, write_instance
+
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
+
+
+def pacs(tmp_path: Path, *args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
+    """Run `pacs` with an empty config, stdin closed unless given."""
+    config = tmp_path / "config.toml"
+    if not config.exists():
+        config.write_text("")
+    from tests.conftest import pacs_cmd
+
+    return subprocess.run(pacs_cmd(*args), input=stdin if stdin is not None else "",
+                          capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "PACS_CONFIG": str(config)})
+
+
+def lines(result: subprocess.CompletedProcess[str]) -> list[dict[str, object]]:
+    return [json.loads(line) for line in result.stdout.splitlines()]
+
+
+def dump(archive: Path) -> dict[str, list[tuple[object, ...]]]:
+    index = Index(archive / layout.INDEX_FILE)
+    try:
+        return index.dump()
+    finally:
+        index.close()
+
+
+def test_records_and_the_exit_code_rule(tmp_path: Path) -> None:
+    good = tmp_path / "good"
+    written = [write_instance(good / f"{n}.dcm", number=n) for n in range(3)]
+    junk = tmp_path / "junk"
+    expected = junk_folder(junk)
+    archive = str(tmp_path / "archive")
+
+    result = pacs(tmp_path, "index", "--archive", archive, "--jobs", "2", str(good), str(junk))
+    assert result.returncode == 0, result.stderr  # skips are not failures
+    records = lines(result)
+    assert len(records) == len(written) + len(expected)
+    assert sorted(r["source"] for r in records if r["status"] == "ok") == \
+        sorted(map(str, written))
+    skipped = {Path(str(r["path"])).name: r for r in records if r["status"] == "skipped"}
+    assert {n: r["reason_code"] for n, r in skipped.items() if expected[n] != "any"} == \
+        {n: c for n, c in expected.items() if c != "any"}
+    assert "3 instances (3 stored)" in result.stderr and "0 failed" in result.stderr
+
+    strict = pacs(tmp_path, "index", "--archive", archive, "--strict", str(good), str(junk))
+    assert strict.returncode == 1  # skipped files count as failures when asked
+    assert {r["outcome"] for r in lines(strict) if r["status"] == "ok"} == {"unchanged"}
+
+    only_dicomdir = pacs(tmp_path, "index", "--archive", archive, "--strict",
+                         str(get_testdata_file("DICOMDIR")))
+    assert only_dicomdir.returncode == 0  # a DICOMDIR is never an instance: not a skip
+    assert len(lines(only_dicomdir)) == 32
+
+    missing = pacs(tmp_path, "index", "--archive", archive, str(tmp_path / "nowhere"),
+                   str(good))
+    assert missing.returncode == 1
+    assert [r["error"]["code"] for r in lines(missing) if r["status"] == "failed"] == \
+        ["not-found"]
+
+
+def test_paths_and_records_from_stdin(tmp_path: Path) -> None:
+    files = [write_instance(tmp_path / "src" / f"{n}.dcm", number=n) for n in range(2)]
+    archive = str(tmp_path / "archive")
+    stdin = f"{files[0]}\n" + json.dumps({"path": str(files[1]), "PatientID": "x"}) + "\n"
+    result = pacs(tmp_path, "index", "--archive", archive, "-", stdin=stdin)
+    assert result.returncode == 0, result.stderr
+    assert [r["outcome"] for r in lines(result)] == ["stored", "stored"]
+
+
+def test_usage_errors(tmp_path: Path) -> None:
+    archive = str(tmp_path / "archive")
+    assert pacs(tmp_path, "index", "--archive", archive).returncode == 2  # nothing to index
+    both = pacs(tmp_path, "index", "--archive", archive, "--rebuild", str(tmp_path))
+    assert both.returncode == 2 and "--rebuild" in both.stderr
+    assert pacs(tmp_path, "index", "--archive", archive, "--jobs", "0", ".").returncode == 2
+
+
+def test_in_place(tmp_path: Path) -> None:
+    share = tmp_path / "share"
+    files = [write_instance(share / f"{n}.dcm", number=n) for n in range(3)]
+    archive = tmp_path / "archive"
+    result = pacs(tmp_path, "index", "--archive", str(archive), "--in-place", str(share))
+    assert result.returncode == 0, result.stderr
+    assert [r["path"] for r in lines(result)] == [str(p) for p in files]
+    assert not (archive / layout.STUDIES_DIR).exists()
+    again = pacs(tmp_path, "index", "--archive", str(archive), "--in-place", str(share))
+    assert [r["outcome"] for r in lines(again)] == ["unchanged"] * 3
+
+
+def test_rebuild_equals_the_index_serve_built(tmp_path: Path) -> None:
+    """Files received by `pacs serve` (dcmsend keeps each file's transfer syntax), then the
+    index dropped and rebuilt from the files alone: the same rows."""
+    server = start_server(tmp_path / "serve")
+    try:
+        sent = sorted({testdata(name) for name in TESTDATA.values()})
+        sent += sorted(p for p in (Path(str(get_testdata_file("DICOMDIR"))).parent
+                                   / "98892001").rglob("*") if p.is_file())
+        for path in sent:  # one at a time: the receive order is the mtime order
+            result = subprocess.run(
+                [require("dcmsend"), "-aet", "MODALITY", "-aec", server.aet, "127.0.0.1",
+                 str(server.port), str(path)],
+                capture_output=True, text=True, env=DCMTK_ENV, timeout=60)
+            assert result.returncode == 0, result.stderr
+    finally:
+        assert server.stop() == 0
+    before = dump(server.archive)
+    assert len(before["instances"]) >= 10
+    assert all("MODALITY" in row for row in before["instances"])
+
+    result = pacs(tmp_path, "index", "--rebuild", "--archive", str(server.archive))
+    assert result.returncode == 0, result.stderr
+    assert {r["outcome"] for r in lines(result)} == {"indexed"}
+    assert dump(server.archive) == before
+
+
+@pytest.mark.parametrize("fmt", ["table", "csv", "json"])
+def test_other_formats(tmp_path: Path, fmt: str) -> None:
+    path = write_instance(tmp_path / "one.dcm")
+    result = pacs(tmp_path, "index", "--archive", str(tmp_path / "a"), "--format", fmt, str(path))
+    assert result.returncode == 0, result.stderr
+    assert "stored" in result.stdout

@@ -1,0 +1,116 @@
+"""`pacs verify` as a command: problems named, exit codes for cron, repair, and a run while
+`pacs serve` receives."""
+
+from __future__ import annotations
+
+import subprocess
+import threading
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from pacscli.archive import layout
+from pacscli.ops.verify import verify_archive
+from scripts.benchdata import make_ct_series
+from tests.cli.test_index import lines, pacs
+from tests.conftest import DCMTK_ENV, require, start_server
+from tests.dicom_files import archive_contents, dead_pid, write_instance
+
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
+
+
+def test_names_each_problem_exits_1_repairs_then_exits_0(tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    for n in range(4):
+        write_instance(src / f"{n}.dcm", number=n)
+    archive = tmp_path / "archive"
+    stored = lines(pacs(tmp_path, "index", "--archive", str(archive), str(src)))
+    assert pacs(tmp_path, "verify", "--archive", str(archive)).returncode == 0
+
+    corrupt, deleted = Path(str(stored[0]["path"])), Path(str(stored[1]["path"]))
+    data = bytearray(corrupt.read_bytes())
+    data[-1] ^= 0x55
+    corrupt.write_bytes(bytes(data))
+    deleted.unlink()
+    unindexed = write_instance(archive / layout.STUDIES_DIR / "x" / "dropped.dcm")
+    temp = archive / layout.STAGING_DIR / str(dead_pid()) / "tmp0001.dcm"
+    temp.parent.mkdir(parents=True)
+    temp.write_bytes(b"partial")
+    before = archive_contents(archive)
+
+    result = pacs(tmp_path, "verify", "--archive", str(archive))
+    assert result.returncode == 1
+    *problems, summary = lines(result)
+    assert {r["path"]: r["problem"] for r in problems} == {
+        str(corrupt): "checksum-mismatch", str(deleted): "missing",
+        str(unindexed): "unindexed", str(temp): "leftover-temp"}
+    by_path = {r["path"]: r for r in problems}
+    assert by_path[str(corrupt)]["SOPInstanceUID"] == stored[0]["SOPInstanceUID"]
+    assert by_path[str(deleted)]["SOPInstanceUID"] == stored[1]["SOPInstanceUID"]
+    assert summary["problems"] == 4
+    assert "4 problems (1 checksum-mismatch, 1 leftover-temp, 1 missing, 1 unindexed)" in \
+        result.stderr
+
+    quick = pacs(tmp_path, "verify", "--archive", str(archive), "--quick")
+    assert quick.returncode == 1  # the checksum is not looked at, the rest still is
+    assert {r.get("problem") for r in lines(quick)[:-1]} == {"missing", "unindexed",
+                                                               "leftover-temp"}
+
+    repair = pacs(tmp_path, "verify", "--archive", str(archive), "--repair")
+    assert repair.returncode == 1
+    assert {r["path"]: r["repair"] for r in lines(repair)[:-1]} == {
+        str(corrupt): "quarantined", str(deleted): "dropped-row",
+        str(unindexed): "indexed", str(temp): "quarantined"}
+
+    again = pacs(tmp_path, "verify", "--archive", str(archive))
+    assert again.returncode == 0, again.stdout
+    assert lines(again) == [lines(again)[-1]] and lines(again)[-1]["problems"] == 0
+    assert before - archive_contents(archive) == Counter()  # nothing was deleted
+
+    table = pacs(tmp_path, "verify", "--archive", str(archive), "--format", "table")
+    assert table.returncode == 0 and "0 problems" in table.stderr
+
+
+def test_no_archive_exits_2(tmp_path: Path) -> None:
+    result = pacs(tmp_path, "verify", "--archive", str(tmp_path / "none"))
+    assert result.returncode == 2 and "no archive" in result.stderr
+
+
+def test_safe_while_serve_receives(tmp_path: Path) -> None:
+    """Files in flight (being received, renamed but not yet indexed) are not problems: verify
+    runs over and over, in this process and as the command, while dcmsend sends."""
+    series = make_ct_series(tmp_path / "series", 600, rows=64, cols=64)
+    server = start_server(tmp_path / "serve", "--any-called-aet")
+    done = threading.Event()
+    failures: list[str] = []
+
+    def send() -> None:
+        try:
+            for start in range(0, len(series), 100):
+                result = subprocess.run(
+                    [require("dcmsend"), "-aec", server.aet, "127.0.0.1", str(server.port),
+                     *map(str, series[start:start + 100])],
+                    capture_output=True, text=True, env=DCMTK_ENV, timeout=120)
+                if result.returncode != 0:
+                    failures.append(result.stderr)
+        finally:
+            done.set()
+
+    sender = threading.Thread(target=send)
+    sender.start()
+    seen: set[int] = set()
+    try:
+        command = pacs(tmp_path, "verify", "--archive", str(server.archive))
+        assert command.returncode == 0, command.stdout
+        while not done.is_set():
+            *problems, summary = verify_archive(server.archive)
+            assert problems == []
+            seen.add(summary["indexed"])
+    finally:
+        sender.join()
+        assert server.stop() == 0
+    assert failures == []
+    assert len(seen) >= 3  # it did run while files arrived
+    final = lines(pacs(tmp_path, "verify", "--archive", str(server.archive)))
+    assert final[-1]["problems"] == 0 and final[-1]["indexed"] == 600

@@ -1,0 +1,208 @@
+"""`pacs verify` as a library: each kind of problem named, repaired without deleting
+anything, files in flight left alone."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import sqlite3
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from pacscli.archive import layout
+from pacscli.config import StorageSettings
+from pacscli.ops.indexer import index_files
+from pacscli.ops.verify import exit_code, verify_archive
+from pacscli.records import Record
+from tests.dicom_files import archive_contents, dead_pid, write_instance
+
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
+
+
+def make_archive(tmp_path: Path, count: int = 6) -> tuple[Path, list[Record]]:
+    """An archive of `count` small instances, indexed through `pacs index`."""
+    src = tmp_path / "src"
+    for number in range(count):
+        write_instance(src / f"{number}.dcm", number=number, rows=16)
+    root = tmp_path / "archive"
+    records = list(index_files(root, StorageSettings(), [str(src)], jobs=2))
+    assert [r["outcome"] for r in records] == ["stored"] * count
+    return root, sorted(records, key=lambda r: r["path"])
+
+
+def run_verify(root: Path, **options: object) -> tuple[list[Record], Record]:
+    records = list(verify_archive(root, **options))  # type: ignore[arg-type]
+    assert records[-1]["summary"] is True
+    return records[:-1], records[-1]
+
+
+def test_a_whole_archive_verifies(tmp_path: Path) -> None:
+    root, _ = make_archive(tmp_path)
+    for quick in (False, True):
+        problems, summary = run_verify(root, quick=quick, jobs=2)
+        assert problems == []
+        assert summary["status"] == "ok" and summary["indexed"] == summary["files"] == 6
+        assert exit_code(summary) == 0
+
+
+def test_each_problem_named_then_repaired_and_nothing_deleted(tmp_path: Path) -> None:
+    root, stored = make_archive(tmp_path)
+    corrupt, grown, deleted = (Path(r["path"]) for r in stored[:3])
+    data = bytearray(corrupt.read_bytes())
+    data[-7] ^= 0xFF  # a byte of pixel data: same size, other content
+    corrupt.write_bytes(bytes(data))
+    with grown.open("ab") as fp:
+        fp.write(b"\0\0")
+    deleted.unlink()
+    dropped = write_instance(root / layout.STUDIES_DIR / "dropped" / "in.dcm")
+    stray = root / layout.STUDIES_DIR / "notes.txt"
+    stray.write_text("not DICOM")
+    temp = root / layout.STAGING_DIR / str(dead_pid()) / "tmpk3j2_x.dcm"
+    temp.parent.mkdir(parents=True)
+    temp.write_bytes(b"half a file")
+    before = archive_contents(root)
+
+    problems, summary = run_verify(root, jobs=2)
+    found = {r["path"]: r for r in problems}
+    assert {path: r["problem"] for path, r in found.items()} == {
+        str(corrupt): "checksum-mismatch",
+        str(grown): "size-mismatch",
+        str(deleted): "missing",
+        str(dropped): "unindexed",
+        str(stray): "unindexed",
+        str(temp): "leftover-temp",
+    }
+    sops = {r["path"]: r["SOPInstanceUID"] for r in stored}
+    for path in (corrupt, grown, deleted):
+        assert found[str(path)]["SOPInstanceUID"] == sops[str(path)]
+    assert found[str(dropped)]["SOPInstanceUID"]  # read from the file
+    assert all(r["status"] == "failed" and r["error"]["message"] for r in problems)
+    assert summary["problems"] == 6 and exit_code(summary) == 1
+    assert archive_contents(root) == before  # verify alone writes nothing
+
+    repaired, summary = run_verify(root, repair=True)
+    actions = {r["path"]: r.get("repair") for r in repaired}
+    assert actions == {
+        str(corrupt): "quarantined",
+        str(grown): "quarantined",
+        str(deleted): "dropped-row",
+        str(dropped): "indexed",
+        str(stray): "quarantined",
+        str(temp): "quarantined",
+    }
+    assert all(r["status"] == "warning" for r in repaired)
+    assert exit_code(summary) == 1  # something was wrong, even if mended
+    for record in repaired:
+        if record["repair"] == "quarantined":
+            moved = Path(record["quarantine_path"])
+            assert moved.is_file() and layout.QUARANTINE_DIR in moved.parts
+
+    problems, summary = run_verify(root)
+    assert problems == [] and exit_code(summary) == 0
+    assert summary["indexed"] == 4  # 6 - corrupt - grown - deleted + dropped
+    assert before - archive_contents(root) == Counter()  # every file still there, somewhere
+    # later runs leave the quarantine alone
+    problems, summary = run_verify(root, repair=True)
+    assert problems == [] and exit_code(summary) == 0
+
+
+def test_quick_checks_sizes_only(tmp_path: Path) -> None:
+    root, stored = make_archive(tmp_path)
+    path = Path(stored[0]["path"])
+    data = bytearray(path.read_bytes())
+    data[-3] ^= 1
+    path.write_bytes(bytes(data))
+    assert run_verify(root, quick=True)[0] == []
+    assert [r["problem"] for r in run_verify(root)[0]] == ["checksum-mismatch"]
+
+
+def test_a_row_that_disagrees_with_a_good_file_is_indexed_again(tmp_path: Path) -> None:
+    root, stored = make_archive(tmp_path)
+    with sqlite3.connect(root / layout.INDEX_FILE) as conn:
+        conn.execute("UPDATE instances SET SOPInstanceUID = '1.2.3.999' WHERE path LIKE ?",
+                     (f"%{stored[0]['SOPInstanceUID']}.dcm",))
+    problems, _ = run_verify(root)
+    assert [(r["problem"], r["SOPInstanceUID"]) for r in problems] == [
+        ("uid-mismatch", "1.2.3.999")]
+    assert "SOPInstanceUID" in problems[0]["error"]["message"]
+    repaired, _ = run_verify(root, repair=True)
+    assert [r["repair"] for r in repaired] == ["reindexed"]
+    problems, summary = run_verify(root)
+    assert problems == [] and summary["indexed"] == 6
+
+
+def test_truncated_and_unparseable_files_are_named(tmp_path: Path) -> None:
+    """A file cut short with its row made to match (as an older pacscli might have indexed
+    it) still fails the structural check."""
+    root, stored = make_archive(tmp_path)
+    path = Path(stored[0]["path"])
+    path.write_bytes(path.read_bytes()[:-20])
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    with sqlite3.connect(root / layout.INDEX_FILE) as conn:
+        conn.execute("UPDATE instances SET size = ?, sha256 = ? WHERE SOPInstanceUID = ?",
+                     (path.stat().st_size, digest, stored[0]["SOPInstanceUID"]))
+    problems, _ = run_verify(root)
+    assert [r["problem"] for r in problems] == ["truncated"]
+
+
+def test_files_in_flight_are_not_problems(tmp_path: Path) -> None:
+    root, _ = make_archive(tmp_path)
+    writer = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        staging = root / layout.STAGING_DIR / str(writer.pid)
+        staging.mkdir(parents=True)
+        (staging / "tmp_receiving.dcm").write_bytes(b"partial")
+        # placed a moment ago by a live writer that has not committed its row yet
+        placed = write_instance(root / layout.STUDIES_DIR / "aa" / "bb" / "placed.dcm")
+        problems, summary = run_verify(root)
+        assert problems == [] and summary["in_flight"] == 1 and exit_code(summary) == 0
+    finally:
+        writer.kill()
+        writer.wait()
+    # the writer is gone: its leftovers and the unindexed file are problems now
+    problems, _ = run_verify(root)
+    assert sorted(r["problem"] for r in problems) == ["leftover-temp", "unindexed"]
+    assert any(r["path"] == str(placed) for r in problems)
+
+
+def test_no_archive_is_a_usage_error(tmp_path: Path) -> None:
+    from pacscli.errors import UsageError
+
+    with pytest.raises(UsageError, match="no archive"):
+        list(verify_archive(tmp_path / "nowhere"))
+    assert not (tmp_path / "nowhere").exists()
+
+
+def test_missing_in_place_file_drops_its_row_and_leaves_the_share_alone(tmp_path: Path) -> None:
+    share = tmp_path / "share"
+    kept, gone, changed = (write_instance(share / f"{n}.dcm", number=n) for n in range(3))
+    root = tmp_path / "archive"
+    assert all(r["outcome"] == "indexed" for r in
+               index_files(root, StorageSettings(), [str(share)], in_place=True))
+    gone.unlink()
+    changed.write_bytes(changed.read_bytes()[:-1] + b"\x01")
+    problems, _ = run_verify(root)
+    assert {r["path"]: r["problem"] for r in problems} == {
+        str(gone): "missing", str(changed): "checksum-mismatch"}
+    repaired, _ = run_verify(root, repair=True)
+    assert {r["path"]: r["repair"] for r in repaired} == {
+        str(gone): "dropped-row", str(changed): "dropped-row"}
+    assert changed.exists() and kept.exists()  # never moved out of the share
+    assert run_verify(root)[0] == []
+    assert sorted(os.listdir(share)) == ["0.dcm", "2.dcm"]
+
+
+def test_the_core_loads_no_cli_and_verify_no_pydicom() -> None:
+    """The core never loads typer or rich (pydicom loads tqdm itself); `pacs verify` starts
+    without pydicom."""
+    code = ("import sys, pacscli.ops.verify, pacscli.ops.indexer; "
+            "print(sorted(m for m in ('typer', 'rich') if m in sys.modules))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "[]"
+    code = "import sys, pacscli.ops.verify; print('pydicom' in sys.modules)"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "False"
