@@ -15,6 +15,7 @@ import mmap
 import os
 import shutil
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -100,11 +101,17 @@ class Archive:
         except OSError as exc:
             raise _resource_error(exc, f"cannot create the archive at {self.root}") from exc
         self.index = Index(self.root / layout.INDEX_FILE)
+        self._stripes: dict[str, tuple[threading.Lock, int]] = {}  # lock stripe -> (lock, fd)
+        self._stripes_guard = threading.Lock()
         self._clean_dead_staging()
 
     def close(self) -> None:
-        """Close the index and remove this process's staging folder."""
+        """Close the index and the lock files, and remove this process's staging folder."""
         self.index.close()
+        with self._stripes_guard:
+            for _, fd in self._stripes.values():
+                os.close(fd)
+            self._stripes.clear()
         shutil.rmtree(self.staging, ignore_errors=True)
 
     def _clean_dead_staging(self) -> None:
@@ -196,13 +203,21 @@ class Archive:
             yield
             return
         stripe = hashlib.sha1(sop_uid.encode("ascii", "replace")).hexdigest()[:2]
-        fd = os.open(self.root / layout.LOCKS_DIR / f"{stripe}.lock", os.O_RDWR | os.O_CREAT,
-                     0o644)
-        try:
+        with self._stripes_guard:
+            if stripe not in self._stripes:
+                # Opened once and kept: an open per put cost ~0.4 ms here.
+                fd = os.open(self.root / layout.LOCKS_DIR / f"{stripe}.lock",
+                             os.O_RDWR | os.O_CREAT, 0o644)
+                self._stripes[stripe] = (threading.Lock(), fd)
+            thread_lock, fd = self._stripes[stripe]
+        # flock excludes other processes; threads share the descriptor, so they also take
+        # the thread lock.
+        with thread_lock:
             fcntl.flock(fd, fcntl.LOCK_EX)
-            yield
-        finally:
-            os.close(fd)  # releases the lock
+            try:
+                yield
+            finally:
+                fcntl.flock(fd, fcntl.LOCK_UN)
 
     def _settled(self, info: InstanceInfo,
                  content_sha256: str) -> tuple[InstanceRow | None, PutResult | None]:
