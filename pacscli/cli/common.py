@@ -21,21 +21,21 @@ from pacscli.records import Record, read_records, to_json_line
 
 ArchiveOpt = Annotated[
     Path | None,
-    typer.Option("--archive", help="Archive folder [env PACS_ARCHIVE; default: per-user data folder]",
+    typer.Option("--archive", help="Archive folder (env PACS_ARCHIVE; default: per-user data folder)",
                  show_default=False),
 ]
 AetOpt = Annotated[
     str | None,
-    typer.Option("--aet", help="Our AE title [env PACS_AET; default PACSCLI]", show_default=False),
+    typer.Option("--aet", help="Our AE title (env PACS_AET; default PACSCLI)", show_default=False),
 ]
 ConfigOpt = Annotated[
     Path | None,
-    typer.Option("--config", help="Config file [env PACS_CONFIG; default: per-user config.toml]",
+    typer.Option("--config", help="Config file (env PACS_CONFIG; default: per-user config.toml)",
                  show_default=False),
 ]
 FormatOpt = Annotated[
     str | None,
-    typer.Option("--format", help="table|jsonl|json|csv [default: table on a terminal, else jsonl]",
+    typer.Option("--format", help="table|jsonl|json|csv (default: table on a terminal, else jsonl)",
                  show_default=False),
 ]
 VerboseOpt = Annotated[int, typer.Option("--verbose", "-v", count=True, help="More logging on stderr")]

@@ -38,7 +38,7 @@ def index(
         "--strict", help="Exit 1 also when a file was skipped (DICOMDIRs apart)")] = False,
     jobs: Annotated[int | None, typer.Option(
         "--jobs", "-j", min=1, show_default=False,
-        help="Worker processes [default: one per CPU]")] = None,
+        help="Worker processes (default: one per CPU)")] = None,
     archive: ArchiveOpt = None,
     config: ConfigOpt = None,
     fmt: FormatOpt = None,

@@ -104,9 +104,9 @@ def move(
     port: Annotated[int | None, typer.Option(
         "--port", show_default=False,
         help="Port the --receive storage SCP listens on (the one the remote knows for the "
-             "destination) [default: serve.port, 11112]")] = None,
+             "destination) (default: serve.port, 11112)")] = None,
     bind: Annotated[str, typer.Option(
-        "--bind", help="Address the --receive storage SCP listens on [default: all]")] = "",
+        "--bind", help="Address the --receive storage SCP listens on (default: all)")] = "",
     patient: PatientOpt = None,
     study: StudyOpt = None,
     series: SeriesOpt = None,

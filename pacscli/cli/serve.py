@@ -25,8 +25,10 @@ COLUMNS = ["status", "remote", "PatientID", "SOPInstanceUID", "outcome", "error"
 
 
 def serve(
-    port: Annotated[int | None, typer.Option("--port", help="TCP port [default 11112]")] = None,
-    bind: Annotated[str | None, typer.Option("--bind", help="Address to listen on [default: all]")] = None,
+    port: Annotated[int | None, typer.Option(
+        "--port", help="TCP port (default: serve.port in the config, else 11112)")] = None,
+    bind: Annotated[str | None, typer.Option(
+        "--bind", help="Address to listen on (default: all interfaces)")] = None,
     allow: Annotated[list[str] | None, typer.Option(
         "--allow", help="Calling AE title to let in (repeatable); others are rejected")] = None,
     any_called_aet: Annotated[bool, typer.Option(
@@ -41,7 +43,8 @@ def serve(
     fmt: FormatOpt = None,
     verbose: VerboseOpt = 0,
 ) -> None:
-    """Receive and serve DICOM: C-ECHO and C-STORE of every storage class and transfer syntax.
+    """Receive and serve DICOM: C-ECHO, C-STORE of every storage class and transfer syntax,
+    and C-FIND, C-MOVE and C-GET over the archive.
 
     One record per received instance on stdout; logs on stderr. SIGINT or SIGTERM stops
     accepting, lets transfers in flight finish, and exits 0.

@@ -29,7 +29,7 @@ def verify(
                          "leftover temporary files into .quarantine/ (nothing is deleted)")] = False,
     jobs: Annotated[int | None, typer.Option(
         "--jobs", "-j", min=1, show_default=False,
-        help="Worker processes [default: one per CPU]")] = None,
+        help="Worker processes (default: one per CPU)")] = None,
     archive: ArchiveOpt = None,
     config: ConfigOpt = None,
     fmt: FormatOpt = None,
