@@ -162,3 +162,36 @@ def release(assoc: Association) -> None:
     """Release an association if it is still up."""
     if assoc.is_established:
         assoc.release()
+
+
+class Watch:
+    """Event handlers noting how an association ended: a peer's A-ABORT or a closed connection.
+
+    pynetdicom's send_c_* calls come back without a status in both cases; this says which.
+    """
+
+    def __init__(self) -> None:
+        self.abort: Any = None
+        self.closed = False
+
+    def handlers(self) -> list[Handler]:
+        """The (event, handler) pairs to pass to associate()."""
+        return [(evt.EVT_PDU_RECV, self._on_pdu), (evt.EVT_CONN_CLOSE, self._on_close)]
+
+    def _on_pdu(self, event: evt.Event) -> None:
+        if type(event.pdu).__name__ == "A_ABORT_RQ":
+            self.abort = event.pdu
+
+    def _on_close(self, event: evt.Event) -> None:
+        self.closed = True
+
+    def why_ended(self) -> tuple[str, str] | None:
+        """(code, words) when the peer aborted or closed the connection, else None."""
+        if self.abort is not None:
+            source, reason = self.abort.source_str, self.abort.reason_str
+            detail = "" if reason == "(no value available)" else f", reason: {reason}"
+            return "association-aborted", (f"the peer aborted the association (A-ABORT, "
+                                           f"source: {source}{detail})")
+        if self.closed:
+            return "connection-closed", "the peer closed the connection"
+        return None

@@ -11,15 +11,13 @@ import logging
 import time
 from collections.abc import Iterator
 from dataclasses import replace
-from typing import Any
 
-from pynetdicom import evt
 from pynetdicom.presentation import build_context
 from pynetdicom.status import VERIFICATION_SERVICE_CLASS_STATUS
 
 from pacscli.config import Remote, Settings
 from pacscli.errors import NetworkError, PacsError, PeerFailure, UsageError
-from pacscli.net.ae import Handler, associate, make_ae, release
+from pacscli.net.ae import Watch, associate, make_ae, release
 from pacscli.records import Record, failed
 
 log = logging.getLogger(__name__)
@@ -36,47 +34,18 @@ def with_timeout(settings: Settings, timeout: float) -> Settings:
     return settings.with_changes(network=network)
 
 
-class _Watch:
-    """Event handlers noting how an association ended: a peer's A-ABORT or a closed connection."""
-
-    def __init__(self) -> None:
-        self.abort: Any = None
-        self.closed = False
-
-    def handlers(self) -> list[Handler]:
-        return [(evt.EVT_PDU_RECV, self._on_pdu), (evt.EVT_CONN_CLOSE, self._on_close)]
-
-    def _on_pdu(self, event: evt.Event) -> None:
-        if type(event.pdu).__name__ == "A_ABORT_RQ":
-            self.abort = event.pdu
-
-    def _on_close(self, event: evt.Event) -> None:
-        self.closed = True
-
-    def why_ended(self) -> tuple[str, str]:
-        """(code, words) for an association that went away under us."""
-        if self.abort is not None:
-            source, reason = self.abort.source_str, self.abort.reason_str
-            detail = "" if reason == "(no value available)" else f", reason: {reason}"
-            return "association-aborted", (f"the peer aborted the association (A-ABORT, "
-                                           f"source: {source}{detail})")
-        if self.closed:
-            return "connection-closed", "the peer closed the connection"
-        return "association-aborted", "the association was aborted"
-
-
 def _ms(start: float) -> float:
     return round((time.perf_counter() - start) * 1000, 3)
 
 
-def _no_response(watch: _Watch, waited_ms: float, timeout: float) -> tuple[str, str]:
+def _no_response(watch: Watch, waited_ms: float, timeout: float) -> tuple[str, str]:
     """Why send_c_echo came back without a status."""
     if watch.abort is None and waited_ms >= timeout * 1000 * 0.95:
         return "dimse-timeout", (f"no C-ECHO response within {timeout:g} s (DIMSE timeout); "
                                  "the association was aborted")
     if watch.abort is None and not watch.closed:
         return "invalid-response", "the peer sent an invalid C-ECHO response"
-    return watch.why_ended()
+    return watch.why_ended() or ("association-aborted", "the association was aborted")
 
 
 def echo(settings: Settings, remote: Remote, *, count: int = 1,
@@ -94,7 +63,7 @@ def echo(settings: Settings, remote: Remote, *, count: int = 1,
     if interval:  # pynetdicom aborts an association idle longer than the network timeout
         ae.network_timeout = max(ae.network_timeout or 0, interval + (ae.dimse_timeout or 0) + 1)
     dimse_timeout = float(ae.dimse_timeout or 0)
-    watch = _Watch()
+    watch = Watch()
     record: Record = {"remote": str(remote), "echo": None, "status": "ok", "assoc_ms": None,
                       "rtt_ms": None, "dimse_status": None, "max_pdu": None,
                       "implementation_class_uid": None, "implementation_version_name": None}
@@ -120,7 +89,8 @@ def echo(settings: Settings, remote: Remote, *, count: int = 1,
             if number > 1 and interval:
                 time.sleep(interval)
             if not assoc.is_established:
-                code, words = watch.why_ended()
+                code, words = watch.why_ended() or ("association-aborted",
+                                                    "the association was aborted")
                 error = NetworkError(f"{remote}: {words} before echo {number}", code=code)
                 break
             sent = time.perf_counter()

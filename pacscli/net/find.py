@@ -17,8 +17,8 @@ from pynetdicom.presentation import build_context
 from pacscli.config import Remote, Settings
 from pacscli.dicom.query import QR_MODELS, Query, identifier_record
 from pacscli.errors import NetworkError, PacsError, UsageError
-from pacscli.net.ae import associate, make_ae, release
-from pacscli.net.qr import CANCEL, PENDING, Watch, failure
+from pacscli.net.ae import Watch, associate, make_ae, release
+from pacscli.net.qr import CANCEL, PENDING, failure, lost
 from pacscli.records import Record, failed
 
 log = logging.getLogger(__name__)
@@ -73,7 +73,7 @@ def find(settings: Settings, remote: Remote, query: Query, *, limit: int | None 
         started = time.monotonic()
         for status, identifier in assoc.send_c_find(query.identifier, sop_class, msg_id=1):
             if "Status" not in status:
-                error = watch.lost(remote, "C-FIND", started, timeout)
+                error = lost(watch, remote, "C-FIND", started, timeout)
                 break
             code = int(status.Status)
             if code in PENDING:

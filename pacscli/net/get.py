@@ -41,14 +41,14 @@ from pacscli.errors import (
     PeerFailure,
     UsageError,
 )
-from pacscli.net.ae import associate, make_ae, release
+from pacscli.net.ae import Watch, associate, make_ae, release
 from pacscli.net.qr import (
     PENDING,
     RetrieveRequest,
     StatusFailure,
-    Watch,
     complete_request,
     failed_instances,
+    lost,
     outcome,
     sub_operations,
 )
@@ -276,7 +276,7 @@ def get(settings: Settings, remote: Remote, requests: Iterable[RetrieveRequest |
                 for status, response in assoc.send_c_get(identifier, sop_class, msg_id=msg_id):
                     yield from receiver.drain()
                     if "Status" not in status:
-                        raise watch.lost(remote, "C-GET", started, timeout)
+                        raise lost(watch, remote, "C-GET", started, timeout)
                     found = {k: v for k, v in sub_operations(status).items() if v is not None}
                     counts.update(found)
                     if int(status.Status) in PENDING:
@@ -292,7 +292,7 @@ def get(settings: Settings, remote: Remote, requests: Iterable[RetrieveRequest |
                     break
                 yield from receiver.drain()
                 if final is None:
-                    raise watch.lost(remote, "C-GET", started, timeout)
+                    raise lost(watch, remote, "C-GET", started, timeout)
                 record = outcome(final, counts, failed_list, remote, "C-GET")
                 done_before += sum(record[k] for k in ("completed", "failed", "warning"))
                 if progress is not None:

@@ -24,14 +24,14 @@ from pacscli.archive.archive import Archive
 from pacscli.config import Remote, Settings
 from pacscli.dicom.query import QR_MODELS, check_level, normalize_model
 from pacscli.errors import NetworkError, PacsError, PeerFailure, UsageError
-from pacscli.net.ae import associate, make_ae, release
+from pacscli.net.ae import Watch, associate, make_ae, release
 from pacscli.net.qr import (
     PENDING,
     RetrieveRequest,
     StatusFailure,
-    Watch,
     complete_request,
     failed_instances,
+    lost,
     outcome,
     status_text,
     sub_operations,
@@ -215,7 +215,7 @@ def _one_move(assoc: Any, request: RetrieveRequest, sop_class: str, dest: str, r
     final: Any = None
     for status, response in assoc.send_c_move(identifier, dest, sop_class, msg_id=msg_id):
         if "Status" not in status:
-            raise watch.lost(remote, "C-MOVE", started, timeout)
+            raise lost(watch, remote, "C-MOVE", started, timeout)
         found = {k: v for k, v in sub_operations(status).items() if v is not None}
         counts.update(found)
         if int(status.Status) in PENDING:
@@ -228,5 +228,5 @@ def _one_move(assoc: Any, request: RetrieveRequest, sop_class: str, dest: str, r
         failed_list = failed_instances(response)
         break
     if final is None:
-        raise watch.lost(remote, "C-MOVE", started, timeout)
+        raise lost(watch, remote, "C-MOVE", started, timeout)
     return outcome(final, counts, failed_list, remote, "C-MOVE")

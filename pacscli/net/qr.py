@@ -8,10 +8,9 @@ import logging
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any
 
 from pydicom.dataset import Dataset
-from pynetdicom import Association, evt
+from pynetdicom import Association
 from pynetdicom.status import (
     QR_FIND_SERVICE_CLASS_STATUS,
     QR_GET_SERVICE_CLASS_STATUS,
@@ -21,7 +20,7 @@ from pynetdicom.status import (
 from pacscli.config import Remote
 from pacscli.dicom.query import LEVELS, QR_MODELS, UNIQUE_KEYS, normalize_level, record_text
 from pacscli.errors import NetworkError, PacsError, PeerFailure, UsageError
-from pacscli.net.ae import Handler
+from pacscli.net.ae import Watch
 from pacscli.records import Record, failed
 
 log = logging.getLogger(__name__)
@@ -96,38 +95,17 @@ def failed_instances(response: Dataset | None) -> list[str]:
     return [str(v) for v in values if str(v)]
 
 
-class Watch:
-    """Event handlers noting how an association ended: a peer's A-ABORT or a closed connection."""
-
-    def __init__(self) -> None:
-        self.abort: Any = None
-        self.closed = False
-
-    def handlers(self) -> list[Handler]:
-        return [(evt.EVT_PDU_RECV, self._on_pdu), (evt.EVT_CONN_CLOSE, self._on_close)]
-
-    def _on_pdu(self, event: evt.Event) -> None:
-        if type(event.pdu).__name__ == "A_ABORT_RQ":
-            self.abort = event.pdu
-
-    def _on_close(self, event: evt.Event) -> None:
-        self.closed = True
-
-    def lost(self, remote: Remote, service: str, started: float, timeout: float) -> NetworkError:
-        """The error for a request that came back without a status."""
-        waited = time.monotonic() - started
-        if self.abort is not None:
-            source, reason = self.abort.source_str, self.abort.reason_str
-            detail = "" if reason == "(no value available)" else f", reason: {reason}"
-            return NetworkError(f"{remote} aborted the association during {service} (A-ABORT, "
-                                f"source: {source}{detail})", code="association-aborted")
-        if self.closed:
-            return NetworkError(f"{remote} closed the connection during {service}",
-                                code="connection-closed")
-        if timeout and waited >= timeout * 0.95:
-            return NetworkError(f"no {service} response from {remote} within {timeout:g} s "
-                                "(DIMSE timeout); the association was aborted", code="dimse-timeout")
-        return NetworkError(f"{remote} sent an invalid {service} response", code="invalid-response")
+def lost(watch: Watch, remote: Remote, service: str, started: float, timeout: float) -> NetworkError:
+    """The error for a request that came back without a status."""
+    waited = time.monotonic() - started
+    ended = watch.why_ended()
+    if ended is not None:
+        code, words = ended
+        return NetworkError(f"{remote}: {words} during {service}", code=code)
+    if timeout and waited >= timeout * 0.95:
+        return NetworkError(f"no {service} response from {remote} within {timeout:g} s "
+                            "(DIMSE timeout); the association was aborted", code="dimse-timeout")
+    return NetworkError(f"{remote} sent an invalid {service} response", code="invalid-response")
 
 
 def sub_operations(status: Dataset) -> dict[str, int | None]:
@@ -283,7 +261,7 @@ def complete_request(assoc: Association, request: RetrieveRequest, model: str, r
     found: Dataset | None = None
     for status, identifier in assoc.send_c_find(query, find_model, msg_id=msg_id):
         if "Status" not in status:
-            raise watch.lost(remote, "C-FIND", started, timeout)
+            raise lost(watch, remote, "C-FIND", started, timeout)
         if int(status.Status) in PENDING:
             found = found or identifier
             continue
