@@ -5,7 +5,8 @@ Usage: python scripts/bench_index.py [--count N] [--repeat R] [--jobs J] [--batc
 
 Writes N synthetic CT slices (64x64, 16-bit, Explicit VR Little Endian; default 10,000) with
 scripts/benchdata.make_ct_series into a temporary folder, then, R times (default 3; the order
-alternates between runs), indexes them all with
+alternates between runs; `sync` runs before each, so that neither pays for the writeback of
+what came before), indexes them all with
 
   (a) `python -m pacscli index DATA --archive FRESH --format jsonl [--jobs J]` (copies each
       file into a fresh archive through its insert path, hashes it and indexes it in SQLite;
@@ -149,6 +150,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         for run in range(args.repeat):
             order = ("pacs", "dcmqridx") if run % 2 == 0 else ("dcmqridx", "pacs")
             for who in order:
+                os.sync()  # neither indexer pays for the writeback of what came before
                 if who == "pacs":
                     result = run_pacs_index(work / "data", work, run, args.jobs)
                     pacs_runs.append(result)

@@ -132,6 +132,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         for run in range(args.repeat):
             order = ("pacs", "sha256sum") if run % 2 == 0 else ("sha256sum", "pacs")
             for who in order:
+                os.sync()  # neither reader pays for the writeback of what came before
                 if who == "pacs":
                     result = run_verify(archive, work, config, args.count, args.jobs)
                     pacs_runs.append(result)

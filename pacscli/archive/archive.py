@@ -173,22 +173,27 @@ class Archive:
                 if settled is not None:
                     return settled
                 outcome = "stored"
+                moved = existing is not None and existing.path != relpath
                 if existing is not None and self.abspath(existing.path).exists():
-                    self._set_aside(self.abspath(existing.path), info.sop_uid)
                     outcome = "replaced"
+                    if not moved:  # the new file takes its name: keep a link to the old one
+                        self._set_aside(self.abspath(existing.path), info.sop_uid)
                 self._place(staged, final)
                 stored = StoredFile(
                     path=relpath, size=size, sha256=sha256, content_sha256=content_sha256,
                     received_at=final.stat().st_mtime, source_aet=source_aet,
                 )
                 try:
-                    if existing is not None and existing.path != relpath:
-                        self.index.delete(info.sop_uid)
-                    self.index.upsert(info, stored)
+                    # A row of the same instance elsewhere (other study or series UIDs) is
+                    # dropped in the same transaction, with the parents it leaves empty.
+                    self.index.upsert(info, stored, replacing=moved)
                 except Exception as exc:
-                    if outcome == "stored":
+                    if outcome == "stored" or moved:
                         final.unlink(missing_ok=True)  # keep files and index in agreement
                     raise ArchiveError(f"cannot index {info.sop_uid}: {exc}") from exc
+                if moved and outcome == "replaced" and existing is not None:
+                    # Now that the index names the new file, the old one leaves studies/.
+                    self._set_aside(self.abspath(existing.path), info.sop_uid, move=True)
                 return PutResult(info, final, outcome, size, sha256)
         finally:
             staged.unlink(missing_ok=True)

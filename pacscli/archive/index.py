@@ -212,9 +212,13 @@ class Index:
         ).fetchone()
         return InstanceRow(*row) if row else None
 
-    def upsert(self, info: InstanceInfo, stored: StoredFile) -> None:
-        """Insert or update an instance and its series, study and patient rows."""
+    def upsert(self, info: InstanceInfo, stored: StoredFile, *, replacing: bool = False) -> None:
+        """Insert or update an instance and its series, study and patient rows; `replacing`
+        first drops the instance's old row and the parents it leaves empty (its study or
+        series UIDs changed), in the same transaction."""
         with self.transaction() as conn:
+            if replacing:
+                self._remove_in(conn, [info.sop_uid])
             self._upsert_in(conn, info, stored)
 
     def _upsert_in(self, conn: sqlite3.Connection, info: InstanceInfo, stored: StoredFile) -> None:
@@ -270,11 +274,6 @@ class Index:
             [values[n] for n in names],
         ).fetchone()
         return int(row[0])
-
-    def delete(self, sop_uid: str) -> None:
-        """Drop an instance's row (the file is not touched)."""
-        with self.transaction() as conn:
-            conn.execute("DELETE FROM instances WHERE SOPInstanceUID = ?", (sop_uid,))
 
     def count_instances(self) -> int:
         """How many instances the index holds."""

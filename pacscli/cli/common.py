@@ -198,8 +198,11 @@ def progress_bar(unit: str = "file") -> tuple[Callable[[int, int], None] | None,
     def progress(done: int, total: int) -> None:
         if not bars:
             bars.append(tqdm(total=total, unit=unit, file=sys.stderr, leave=False))
-        bars[0].total = total
-        bars[0].update(done - bars[0].n)
+        bar = bars[0]
+        if total != bar.total:  # a retrieve learns its total from the peer as it goes
+            bar.total = total
+            bar.refresh()
+        bar.update(done - bar.n)
 
     def close() -> None:
         for bar in bars:

@@ -15,6 +15,7 @@ from pacscli.cli.common import (
     Output,
     VerboseOpt,
     get_settings,
+    progress_bar,
     run,
     setup_logging,
 )
@@ -25,7 +26,6 @@ from pacscli.cli.move import (
     PatientOpt,
     SeriesOpt,
     StudyOpt,
-    progress_bar,
     requests,
 )
 
@@ -79,7 +79,7 @@ def get(
         if out.format == "table":
             out.columns = TABLE_COLUMNS
         store = None
-        progress, close_bar = progress_bar()
+        progress, close_bar = progress_bar("instance")
         try:
             if out_dir is None:
                 from pacscli.archive.archive import Archive

@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable
 from typing import Annotated, Any
 
 import typer
@@ -18,6 +17,7 @@ from pacscli.cli.common import (
     VerboseOpt,
     get_settings,
     input_records,
+    progress_bar,
     run,
     setup_logging,
 )
@@ -65,30 +65,6 @@ def requests(patients: list[str] | None, studies: list[str] | None, series: list
         raise UsageError("nothing to retrieve: give --study/--series/--instance UIDs or pipe "
                          "records (e.g. from `pacs find`) into stdin")
     return requests_from_records(input_records(None), level)
-
-
-def progress_bar() -> tuple[Callable[[int, int], None] | None, Callable[[], None]]:
-    """A tqdm bar of sub-operations on stderr when it is a terminal: (callback, close)."""
-    if not sys.stderr.isatty():
-        return None, lambda: None
-    from tqdm import tqdm
-
-    bars: list[Any] = []
-
-    def progress(done: int, total: int) -> None:
-        if not bars:
-            bars.append(tqdm(total=total, unit="instance", file=sys.stderr, leave=False))
-        bar = bars[0]
-        if total != bar.total:
-            bar.total = total
-            bar.refresh()
-        bar.update(done - bar.n)
-
-    def close() -> None:
-        for bar in bars:
-            bar.close()
-
-    return progress, close
 
 
 def move(
@@ -150,7 +126,7 @@ def move(
             out.columns = [c for c in COLUMNS if c != "received"]
         receiver = store = None
         receiving = None
-        progress, close_bar = progress_bar()
+        progress, close_bar = progress_bar("instance")
         try:
             if receive:
                 from pacscli.archive.archive import Archive

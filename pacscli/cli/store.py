@@ -2,11 +2,7 @@
 
 from __future__ import annotations
 
-import logging
-import sys
-import warnings
-from collections.abc import Callable
-from typing import Annotated, Any
+from typing import Annotated
 
 import typer
 
@@ -18,6 +14,8 @@ from pacscli.cli.common import (
     VerboseOpt,
     get_settings,
     input_records,
+    progress_bar,
+    quiet_pydicom,
     run,
     setup_logging,
 )
@@ -53,18 +51,14 @@ def store(
     def body() -> int:
         from pacscli.net.store import store as send
 
-        if not verbose:
-            # pydicom warns about each odd value of dirty files; the records say what was
-            # fixed. Set after its import, which sets its own logger's level.
-            logging.getLogger("pydicom").setLevel(logging.CRITICAL)
-            warnings.filterwarnings("ignore", module=r"pydicom(\.|$)")
+        quiet_pydicom(verbose)  # the records say what was fixed in dirty files
 
         settings = get_settings(config, None, aet)
         target = settings.remote(remote)
         out = Output(fmt, COLUMNS)
         if out.format == "table":
             out.columns = TABLE_COLUMNS
-        progress, close_bar = _progress_bar()
+        progress, close_bar = progress_bar()
         try:
             out.emit_all(send(settings, target, input_records(paths), jobs=jobs,
                               progress=progress))
@@ -74,23 +68,3 @@ def store(
         return out.exit_code()
 
     raise typer.Exit(run(body))
-
-
-def _progress_bar() -> tuple[Callable[[int, int], None] | None, Callable[[], None]]:
-    """A tqdm bar on stderr when it is a terminal: (progress callback, close)."""
-    if not sys.stderr.isatty():
-        return None, lambda: None
-    from tqdm import tqdm
-
-    bars: list[Any] = []
-
-    def progress(done: int, total: int) -> None:
-        if not bars:
-            bars.append(tqdm(total=total, unit="file", file=sys.stderr, leave=False))
-        bars[0].update(done - bars[0].n)
-
-    def close() -> None:
-        for bar in bars:
-            bar.close()
-
-    return progress, close

@@ -55,12 +55,8 @@ _LONG_VRS = frozenset(
     vr.encode() for vr in ("OB", "OD", "OF", "OL", "OV", "OW", "SQ", "SV", "UC", "UN", "UR",
                            "UT", "UV")
 )
-_LE_TAG = struct.Struct("<HH")
-_BE_TAG = struct.Struct(">HH")
 _LE_LONG = struct.Struct("<I")
 _BE_LONG = struct.Struct(">I")
-_LE_SHORT = struct.Struct("<H")
-_BE_SHORT = struct.Struct(">H")
 _LE_ITEM = struct.Struct("<HHI")
 _LE_META = struct.Struct("<HH2sH")  # an explicit VR element's header (short form)
 _BE_EXPLICIT = struct.Struct(">HH2sH")

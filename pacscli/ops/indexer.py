@@ -44,7 +44,7 @@ from pacscli.dicom.dicomdir import is_dicomdir_name, referenced_files
 from pacscli.dicom.identity import InstanceInfo, read_instance_info
 from pacscli.dicom.scan import SOP_INSTANCE_UID, Part10File, ScanResult
 from pacscli.errors import ArchiveError, ExitCode, InvalidDicomError, PacsError, UsageError
-from pacscli.ops.verify import Quarantine
+from pacscli.ops.verify import Quarantine, archive_files
 from pacscli.ops.workers import parallel_map
 from pacscli.records import Record, failed
 
@@ -390,19 +390,17 @@ def rebuild_index(root: Path, storage: StorageSettings, *, jobs: int = 1,
         except (sqlite3.Error, ArchiveError) as exc:
             log.warning("cannot read the old index's in-place files: %s", exc)
         archive.index.reset()
-        collector = _Collector(root)
-        collector.add_path(str(root))
+        files = [str(root / rel) for rel in archive_files(root)]
         for path in external:
             if os.path.isfile(path):
-                collector.add_file(path)
+                files.append(path)
             else:
                 notes.append({"path": path, "status": "warning", "outcome": "dropped",
                               "warning": "indexed in place before, but no longer there"})
-        files = sorted(collector.files, key=_mtime_key)
-        records = [*notes, *collector.records]
+        files.sort(key=_mtime_key)
         yield from _ticking(
-            chain(records, _index_in_place(archive, files, jobs, check_unchanged=False)),
-            len(records) + len(files), progress)
+            chain(notes, _index_in_place(archive, files, jobs, check_unchanged=False)),
+            len(notes) + len(files), progress)
 
 
 def _mtime_key(path: str) -> tuple[float, str]:

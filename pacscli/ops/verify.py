@@ -74,7 +74,7 @@ _UID_TAGS = frozenset(tag for tag, _, _ in _UIDS)
 
 @dataclass
 class VerifySummary:
-    """What a run found: the summary record and the exit code."""
+    """What a run found, for its closing record."""
 
     root: Path
     quick: bool
