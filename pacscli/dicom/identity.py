@@ -30,7 +30,7 @@ def _before_pixels(tag: Any, vr: Any, length: int) -> bool:
     return bool(tag.group >= _PIXEL_DATA_GROUP)
 
 
-def _read_header(fp: BinaryIO, transfer_syntax: str, *, part10: bool) -> pydicom.Dataset:
+def read_header(fp: BinaryIO, transfer_syntax: str, *, part10: bool) -> pydicom.Dataset:
     """The dataset's elements before the pixel data, read from fp (at the dataset start).
 
     Reads on from the file meta already parsed instead of a second dcmread: this runs once
@@ -83,7 +83,7 @@ def read_instance_info(path: Path) -> InstanceInfo:
             transfer_syntax = clean_uid(meta.get("TransferSyntaxUID"))
             if not transfer_syntax:
                 raise InvalidDicomError("the file meta has no Transfer Syntax UID")
-            ds = _read_header(fp, transfer_syntax, part10=True)
+            ds = read_header(fp, transfer_syntax, part10=True)
     except OSError as exc:
         raise InvalidDicomError(f"cannot read {path}: {exc.strerror or exc}") from exc
     except InvalidDicomError:
@@ -98,7 +98,7 @@ def read_received_info(dataset: bytes | Path, transfer_syntax: str) -> InstanceI
     dataset file (no preamble or file meta) in `transfer_syntax`."""
     try:
         with BytesIO(dataset) if isinstance(dataset, bytes) else open(dataset, "rb") as fp:
-            ds = _read_header(fp, transfer_syntax, part10=False)
+            ds = read_header(fp, transfer_syntax, part10=False)
     except OSError as exc:
         raise InvalidDicomError(f"cannot read the received dataset: {exc.strerror or exc}") from exc
     except Exception as exc:

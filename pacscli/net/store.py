@@ -28,7 +28,7 @@ from pynetdicom.presentation import PresentationContext
 from pynetdicom.status import STORAGE_SERVICE_CLASS_STATUS
 
 from pacscli.config import Remote, Settings
-from pacscli.dicom.identity import read_file_meta
+from pacscli.dicom.identity import read_file_meta, read_header
 from pacscli.dicom.transcode import convert, fix_odd_fragments, write_part10
 from pacscli.dicom.uids import clean_uid
 from pacscli.errors import InvalidDicomError, NetworkError, PacsError, UsageError
@@ -62,6 +62,7 @@ class Instance:
     sop_class: str
     sop_uid: str
     transfer_syntax: str
+    dataset_offset: int = 0  # where the dataset starts in the file, after the file meta
     fixes: tuple[str, ...] = ()  # UID repairs, made on the decoded dataset
     odd_fragments: bool = False  # encapsulated fragments of odd length
     odd_length: bool = False  # a dataset of odd length (deflated ones often are)
@@ -121,11 +122,13 @@ def scan(path: Path) -> Instance:
             except InvalidDicomError as exc:
                 raise NotDicomError(exc.message) from exc
             odd_length = (os.fstat(fp.fileno()).st_size - offset) % 2 == 1
-            fp.seek(0)
-            ds = pydicom.dcmread(fp, stop_before_pixels=True, specific_tags=_IDENTITY_TAGS)
             ts_text = _uid_text(meta.get_item("TransferSyntaxUID")) or ""
             transfer_syntax = clean_uid(ts_text)
-            # stop_before_pixels leaves fp at the Pixel Data element (not so when deflated).
+            if not transfer_syntax:
+                raise InvalidDicomError("the file meta has no Transfer Syntax UID")
+            # Reads on from the file meta (no second parse), stopping at the Pixel Data
+            # element with fp left there (not so when deflated).
+            ds = read_header(fp, transfer_syntax, part10=True)
             odd = UID(transfer_syntax).is_encapsulated and _has_odd_fragment(fp)
     except OSError as exc:
         raise InvalidDicomError(f"cannot read {path}: {exc.strerror or exc}") from exc
@@ -133,8 +136,6 @@ def scan(path: Path) -> Instance:
         raise
     except Exception as exc:  # pydicom raises many kinds on damaged files
         raise InvalidDicomError(f"unreadable DICOM dataset: {exc}") from exc
-    if not transfer_syntax:
-        raise InvalidDicomError("the file meta has no Transfer Syntax UID")
 
     fixes: list[str] = []
     if _is_padded(ts_text):
@@ -164,7 +165,7 @@ def scan(path: Path) -> Instance:
         elif text is not None and _is_padded(text):
             fixes.append(f"{meta_keyword} padding removed")
     return Instance(path, values["SOPClassUID"], values["SOPInstanceUID"], transfer_syntax,
-                    tuple(fixes), odd, odd_length)
+                    offset, tuple(fixes), odd, odd_length)
 
 
 def _files(path: Path) -> list[Path]:
@@ -323,7 +324,11 @@ def _send_one(assoc: ClientAssociation, instance: Instance, remote: Remote, work
         except OSError as exc:
             raise InvalidDicomError(f"cannot read {path}: {exc.strerror or exc}") from exc
         with source:
-            _, offset = read_file_meta(source)
+            if temp is None:
+                offset = instance.dataset_offset
+                source.seek(offset)
+            else:
+                _, offset = read_file_meta(source)
             size = os.fstat(source.fileno()).st_size - offset
             response = assoc.c_store(context, instance.sop_uid, (source, size))
     except PacsError as exc:
