@@ -11,9 +11,11 @@ transfer syntax, or converted when the requestor accepted only others.
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import BinaryIO
 
 from pydicom.dataset import Dataset as PydicomDataset
 from pydicom.uid import UID
@@ -21,7 +23,7 @@ from pydicom.uid import UID
 from pacscli.archive.archive import Archive
 from pacscli.archive.query import RetrieveItem, find, instances_for_retrieve
 from pacscli.config import Settings
-from pacscli.dicom.identity import read_file_meta
+from pacscli.dicom.identity import seek_dataset
 from pacscli.dicom.query import InvalidQueryError
 from pacscli.errors import PacsError
 from pacscli.net.dimse import (
@@ -242,12 +244,9 @@ def _get_context(assoc: Association, item: RetrieveItem) -> tuple[Context | None
     return None, False
 
 
-def _dataset_bytes(item: RetrieveItem, target: str | None) -> bytes:
-    """The dataset of an archived file, as stored or converted to `target`."""
-    if target is None:
-        with open(item.path, "rb") as fp:
-            read_file_meta(fp)
-            return fp.read()
+def _convert(item: RetrieveItem, target: str) -> bytes:
+    """The dataset of an archived file converted to `target` (for a C-GET requestor that
+    accepted only other syntaxes)."""
     import pydicom
 
     from pacscli.dicom.transcode import convert
@@ -296,16 +295,29 @@ def _get_one(assoc: Association, item: RetrieveItem) -> str:
         log.warning("C-GET: %s accepted no context for %s in %s", assoc, item.sop_class_uid,
                     item.transfer_syntax)
         return "failed"
-    try:
-        data = _dataset_bytes(item, store_context.transfer_syntax if convert else None)
-    except Exception as exc:
+    message_id = assoc.next_message_id()
+    command = encode_command(
+        CommandField=C_STORE_RQ, AffectedSOPClassUID=item.sop_class_uid, MessageID=message_id,
+        Priority=0, CommandDataSetType=HAS_DATASET, AffectedSOPInstanceUID=item.sop_instance_uid)
+    try:  # everything that can fail with the file, before anything is sent
+        if convert:
+            dataset: bytes | tuple[BinaryIO, int] = _convert(item, store_context.transfer_syntax)
+            source = None
+        else:
+            source = open(item.path, "rb")  # noqa: SIM115 - closed after the send below
+            offset = seek_dataset(source)
+            dataset = (source, os.fstat(source.fileno()).st_size - offset)
+    except (OSError, PacsError, ValueError) as exc:
         log.error("C-GET: cannot read %s: %s", item.path, exc)
         return "failed"
-    message_id = assoc.next_message_id()
-    assoc.send_message(store_context.id, encode_command(
-        CommandField=C_STORE_RQ, AffectedSOPClassUID=item.sop_class_uid, MessageID=message_id,
-        Priority=0, CommandDataSetType=HAS_DATASET, AffectedSOPInstanceUID=item.sop_instance_uid,
-    ), data)
+    try:
+        assoc.send_message(store_context.id, command, dataset)  # streamed, never decoded
+    except OSError as exc:  # the file ended early, or the peer went away: the message is cut
+        assoc.abort()
+        raise AssociationClosed(f"C-GET sub-operation for {item.path} cut short: {exc}") from exc
+    finally:
+        if source is not None:
+            source.close()
     while True:
         message = assoc.receive_message()
         if message is None:
