@@ -275,10 +275,6 @@ class Index:
         ).fetchone()
         return int(row[0])
 
-    def count_instances(self) -> int:
-        """How many instances the index holds."""
-        return int(self.connection().execute("SELECT count(*) FROM instances").fetchone()[0])
-
     # Whole-index operations: `pacs index --rebuild` and `pacs verify`.
 
     def iter_files(self, batch: int = 1000) -> Iterator[IndexedFile]:

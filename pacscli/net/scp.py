@@ -15,7 +15,7 @@ from pydicom.uid import AllTransferSyntaxes
 from pacscli.archive.archive import Archive
 from pacscli.archive.query import RetrieveItem
 from pacscli.config import Settings
-from pacscli.errors import InvalidDicomError, OutOfResourcesError, PacsError
+from pacscli.errors import InvalidDicomError, OutOfResourcesError, PacsError, UsageError
 from pacscli.net.dimse import (
     C_ECHO_RQ,
     C_ECHO_RSP,
@@ -139,13 +139,7 @@ class DicomServer:
         try:
             return self.server.start(bind, port)
         except OSError as exc:
-            from pacscli.errors import UsageError
-
             raise UsageError(f"cannot listen on {bind or '*'}:{port}: {exc.strerror or exc}") from exc
-
-    def active_associations(self) -> int:
-        """How many associations are in progress."""
-        return len(self.server.active())
 
     def stop(self, grace: float = 12.0) -> None:
         """Stop accepting, let in-flight associations finish, then abort the rest."""

@@ -355,6 +355,7 @@ class AssociationServer:
     _lock: threading.Lock = field(default_factory=threading.Lock)
     _stopping: threading.Event = field(default_factory=threading.Event)
     _acceptor: threading.Thread | None = None
+    _past_grace: bool = False  # stop(): associations are aborted at their next message
 
     def start(self, bind: str, port: int) -> tuple[str, int]:
         """Listen on bind:port (port 0 picks one) and accept in the background."""
@@ -438,8 +439,6 @@ class AssociationServer:
             assoc.close()
             if self.on_released is not None:
                 self.on_released(assoc)
-
-    _past_grace = False
 
     def _negotiate(self, assoc: Association) -> bool:
         """Read the A-ASSOCIATE-RQ and accept or reject it."""
