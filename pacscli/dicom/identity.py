@@ -91,6 +91,48 @@ def seek_dataset(fp: BinaryIO) -> int:
     return read_file_meta(fp)[1]
 
 
+_LONG_VRS = {b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT", b"UV"}
+
+
+def read_meta_values(fp: BinaryIO) -> tuple[dict[int, bytes], int]:
+    """The raw values of a Part 10 file's meta elements by tag, and its dataset offset (fp
+    left there): for callers that need a few UIDs as stored, padding included.
+
+    Reads the explicit VR little endian group 0002 directly; anything unusual (no group
+    length first, implicit VR meta) goes through `read_file_meta`. Raises InvalidDicomError.
+    """
+    head = fp.read(144)
+    if len(head) < 144 or head[128:132] != b"DICM" or head[132:140] != _GROUP_LENGTH:
+        fp.seek(0)
+        meta, offset = read_file_meta(fp)
+        return {int(elem.tag): _raw(elem.value) for elem in meta}, offset
+    end = 144 + int(struct.unpack_from("<I", head, 140)[0])
+    body = fp.read(end - 144)
+    values: dict[int, bytes] = {}
+    position = 0
+    while position + 8 <= len(body):
+        group, element = struct.unpack_from("<HH", body, position)
+        vr = body[position + 4:position + 6]
+        if vr in _LONG_VRS:
+            length = int(struct.unpack_from("<I", body, position + 8)[0])
+            position += 12
+        else:
+            length = int(struct.unpack_from("<H", body, position + 6)[0])
+            position += 8
+        values[(group << 16) | element] = body[position:position + length]
+        position += length
+    if position != len(body):
+        raise InvalidDicomError("the file meta group length does not match its elements")
+    fp.seek(end)
+    return values, end
+
+
+def _raw(value: object) -> bytes:
+    if isinstance(value, bytes):
+        return value
+    return str(value).encode("latin-1", "replace")
+
+
 def read_instance_info(path: Path) -> InstanceInfo:
     """Read an instance's identity from a Part 10 file, stopping before the pixel data.
 

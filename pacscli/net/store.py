@@ -28,7 +28,7 @@ from pynetdicom.presentation import PresentationContext
 from pynetdicom.status import STORAGE_SERVICE_CLASS_STATUS
 
 from pacscli.config import Remote, Settings
-from pacscli.dicom.identity import read_file_meta, read_header
+from pacscli.dicom.identity import read_file_meta, read_header, read_meta_values
 from pacscli.dicom.transcode import convert, fix_odd_fragments, write_part10
 from pacscli.dicom.uids import clean_uid
 from pacscli.errors import InvalidDicomError, NetworkError, PacsError, UsageError
@@ -89,6 +89,12 @@ def _uid_text(elem: Any) -> str | None:
     return None if value is None else str(value)
 
 
+def _meta_text(meta: dict[int, bytes], keyword: str) -> str | None:
+    """A file meta element's value as stored, None when absent."""
+    raw = meta.get(tag_for_keyword(keyword) or 0)
+    return None if raw is None else raw.decode("latin-1")
+
+
 def _is_padded(text: str) -> bool:
     """True for padding other than the single trailing NUL that makes a UID even-length."""
     return text not in (clean_uid(text), clean_uid(text) + "\x00")
@@ -118,11 +124,11 @@ def scan(path: Path) -> Instance:
     try:
         with open(path, "rb") as fp:
             try:
-                meta, offset = read_file_meta(fp)
+                meta, offset = read_meta_values(fp)
             except InvalidDicomError as exc:
                 raise NotDicomError(exc.message) from exc
             odd_length = (os.fstat(fp.fileno()).st_size - offset) % 2 == 1
-            ts_text = _uid_text(meta.get_item("TransferSyntaxUID")) or ""
+            ts_text = _meta_text(meta, "TransferSyntaxUID") or ""
             transfer_syntax = clean_uid(ts_text)
             if not transfer_syntax:
                 raise InvalidDicomError("the file meta has no Transfer Syntax UID")
@@ -150,7 +156,7 @@ def scan(path: Path) -> Instance:
     # The dataset's UIDs name the instance; the file meta only fills in what it lacks.
     for keyword, meta_keyword in (("SOPClassUID", "MediaStorageSOPClassUID"),
                                   ("SOPInstanceUID", "MediaStorageSOPInstanceUID")):
-        text = _uid_text(meta.get_item(meta_keyword))
+        text = _meta_text(meta, meta_keyword)
         meta_uid = clean_uid(text)
         if keyword not in values:
             if not meta_uid:
