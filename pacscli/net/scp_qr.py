@@ -97,9 +97,7 @@ def handle_find(settings: Settings, archive: Archive) -> Service:
 
     def service(assoc: Association, context: Context, command: Command,
                 dataset: Dataset | None) -> None:
-        if not settings.may(assoc.calling_aet, "find"):
-            log.warning("C-FIND from %s refused: not permitted (see [remotes] permissions)", assoc)
-            _respond(assoc, context, C_FIND_RSP, command, NOT_AUTHORIZED, comment="not authorized")
+        if not _permitted(settings, assoc, context, command, C_FIND_RSP):
             return
         try:
             identifier = _identifier(context, dataset)
@@ -173,10 +171,36 @@ class SubOperations:
         return SUB_OPERATIONS_FAILED, identifier if self.failed_uids else None
 
 
-def _retrieve_items(archive: Archive, context: Context, dataset: Dataset | None) -> list[RetrieveItem]:
-    identifier = _identifier(context, dataset)
-    level = str(identifier.get("QueryRetrieveLevel", "")).strip()
-    return instances_for_retrieve(archive.index, level, identifier, model=MODELS[context.abstract_syntax])
+_SERVICES = {C_FIND_RSP: ("C-FIND", "find"), C_MOVE_RSP: ("C-MOVE", "move"),
+             C_GET_RSP: ("C-GET", "get")}
+
+
+def _permitted(settings: Settings, assoc: Association, context: Context, command: Command,
+               response: int) -> bool:
+    """Whether the calling AE may use this service (per-remote permissions); when it may
+    not, the request is answered 0x0124 (not authorized)."""
+    name, operation = _SERVICES[response]
+    if settings.may(assoc.calling_aet, operation):
+        return True
+    log.warning("%s from %s refused: not permitted (see [remotes] permissions)", name, assoc)
+    _respond(assoc, context, response, command, NOT_AUTHORIZED, comment="not authorized")
+    return False
+
+
+def _retrieve_items(archive: Archive, assoc: Association, context: Context, command: Command,
+                    dataset: Dataset | None, response: int) -> list[RetrieveItem] | None:
+    """The instances a C-MOVE or C-GET asks for; None when the request was refused (a bad
+    identifier is answered 0xA900, anything else 0xC000)."""
+    try:
+        identifier = _identifier(context, dataset)
+        level = str(identifier.get("QueryRetrieveLevel", "")).strip()
+        return instances_for_retrieve(archive.index, level, identifier,
+                                      model=MODELS[context.abstract_syntax])
+    except PacsError as exc:
+        log.warning("%s from %s refused: %s", _SERVICES[response][0], assoc, exc.message)
+        status = IDENTIFIER_DOES_NOT_MATCH if isinstance(exc, InvalidQueryError) else UNABLE_TO_PROCESS
+        _respond(assoc, context, response, command, status, comment=exc.message)
+        return None
 
 
 def handle_move(settings: Settings, archive: Archive,
@@ -189,9 +213,7 @@ def handle_move(settings: Settings, archive: Archive,
 
     def service(assoc: Association, context: Context, command: Command,
                 dataset: Dataset | None) -> None:
-        if not settings.may(assoc.calling_aet, "move"):
-            log.warning("C-MOVE from %s refused: not permitted (see [remotes] permissions)", assoc)
-            _respond(assoc, context, C_MOVE_RSP, command, NOT_AUTHORIZED, comment="not authorized")
+        if not _permitted(settings, assoc, context, command, C_MOVE_RSP):
             return
         destination = command.get("MoveDestination")
         if settings.remote_by_ae_title(destination) is None:
@@ -201,12 +223,8 @@ def handle_move(settings: Settings, archive: Archive,
             _respond(assoc, context, C_MOVE_RSP, command, MOVE_DESTINATION_UNKNOWN,
                      comment=f"unknown move destination {destination}")
             return
-        try:
-            items = _retrieve_items(archive, context, dataset)
-        except PacsError as exc:
-            log.warning("C-MOVE from %s refused: %s", assoc, exc.message)
-            status = IDENTIFIER_DOES_NOT_MATCH if isinstance(exc, InvalidQueryError) else UNABLE_TO_PROCESS
-            _respond(assoc, context, C_MOVE_RSP, command, status, comment=exc.message)
+        items = _retrieve_items(archive, assoc, context, command, dataset, C_MOVE_RSP)
+        if items is None:
             return
         counts = SubOperations(len(items))
         try:
@@ -261,16 +279,10 @@ def handle_get(settings: Settings, archive: Archive) -> Service:
 
     def service(assoc: Association, context: Context, command: Command,
                 dataset: Dataset | None) -> None:
-        if not settings.may(assoc.calling_aet, "get"):
-            log.warning("C-GET from %s refused: not permitted (see [remotes] permissions)", assoc)
-            _respond(assoc, context, C_GET_RSP, command, NOT_AUTHORIZED, comment="not authorized")
+        if not _permitted(settings, assoc, context, command, C_GET_RSP):
             return
-        try:
-            items = _retrieve_items(archive, context, dataset)
-        except PacsError as exc:
-            log.warning("C-GET from %s refused: %s", assoc, exc.message)
-            status = IDENTIFIER_DOES_NOT_MATCH if isinstance(exc, InvalidQueryError) else UNABLE_TO_PROCESS
-            _respond(assoc, context, C_GET_RSP, command, status, comment=exc.message)
+        items = _retrieve_items(archive, assoc, context, command, dataset, C_GET_RSP)
+        if items is None:
             return
         counts = SubOperations(len(items))
         for item in items:

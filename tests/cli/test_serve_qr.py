@@ -178,3 +178,38 @@ def test_c_cancel_stops_a_large_find(tmp_path: Path) -> None:
         assert 5 <= pending < 300
     finally:
         server.stop()
+
+
+def test_per_remote_permissions(tmp_path: Path) -> None:
+    """[remotes.X] permissions and [serve] qr_from_unknown decide who may find, move, get."""
+    (tmp_path / "serve").mkdir()
+    (tmp_path / "serve" / "config.toml").write_text(
+        '[serve]\nqr_from_unknown = false\n\n'
+        '[remotes.VIEWER]\nae_title = "VIEWER"\nhost = "127.0.0.1"\nport = 104\n'
+        'permissions = ["find"]\n')
+    server = start_server(tmp_path / "serve")
+    from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelMove
+
+    query = Dataset()
+    query.QueryRetrieveLevel = "STUDY"
+    query.StudyInstanceUID = ""
+    try:
+        def statuses(calling: str, service: str) -> list[int]:
+            ae = AE(ae_title=calling)
+            ae.add_requested_context(StudyRootQueryRetrieveInformationModelFind)
+            ae.add_requested_context(StudyRootQueryRetrieveInformationModelMove)
+            assoc = ae.associate("127.0.0.1", server.port, ae_title="PACSCLI")
+            if service == "find":
+                responses = assoc.send_c_find(query, StudyRootQueryRetrieveInformationModelFind)
+            else:
+                responses = assoc.send_c_move(query, "VIEWER", StudyRootQueryRetrieveInformationModelMove)
+            result = [int(status.Status) for status, _ in responses]
+            assoc.release()
+            return result
+
+        assert statuses("VIEWER", "find") == [0x0000]  # allowed, nothing archived
+        assert statuses("VIEWER", "move") == [0x0124]  # not among its permissions
+        assert statuses("STRANGER", "find") == [0x0124]  # unknown AEs may not query
+        assert "not permitted" in server.stderr()
+    finally:
+        server.stop()
