@@ -151,3 +151,19 @@ def require(tool: str) -> str:
     if path is None:
         pytest.fail(f"{tool} is not installed: scripts/test installs dcmtk and dicom3tools")
     return path
+
+
+# A DCMTK storescp association profile (`storescp -xf FILE CTOnly`) that accepts CT images in
+# uncompressed syntaxes only: no Verification, no other class.
+CT_ONLY_PROFILE = """\
+[[TransferSyntaxes]]
+[Uncompressed]
+TransferSyntax1 = LocalEndianExplicit
+TransferSyntax2 = LittleEndianImplicit
+[[PresentationContexts]]
+[CTOnly]
+PresentationContext1 = CTImageStorage\\Uncompressed
+[[Profiles]]
+[CTOnly]
+PresentationContexts = CTOnly
+"""

@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 
 from tests.conftest import (
+    CT_ONLY_PROFILE,
     DCMTK_ENV,
     Server,
     free_port,
@@ -27,19 +28,6 @@ from tests.conftest import (
 
 VERIFICATION = "1.2.840.10008.1.1"
 
-# A storescp profile that accepts CT images only: no Verification.
-CT_ONLY_PROFILE = """\
-[[TransferSyntaxes]]
-[Uncompressed]
-TransferSyntax1 = LocalEndianExplicit
-TransferSyntax2 = LittleEndianImplicit
-[[PresentationContexts]]
-[CTOnly]
-PresentationContext1 = CTImageStorage\\Uncompressed
-[[Profiles]]
-[CTOnly]
-PresentationContexts = CTOnly
-"""
 
 
 def pacs_echo(tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:

@@ -24,6 +24,7 @@ from pydicom.uid import (
 )
 
 from tests.conftest import (
+    CT_ONLY_PROFILE,
     DCMTK_ENV,
     TESTDATA,
     free_port,
@@ -288,18 +289,6 @@ def test_store_folder_to_pacs_serve(tmp_path: Path) -> None:
 
 # --- failures: usage, network, refused classes ------------------------------------------------
 
-CT_ONLY_PROFILE = """\
-[[TransferSyntaxes]]
-[Uncompressed]
-TransferSyntax1 = LocalEndianExplicit
-TransferSyntax2 = LittleEndianImplicit
-[[PresentationContexts]]
-[CTOnly]
-PresentationContext1 = CTImageStorage\\Uncompressed
-[[Profiles]]
-[CTOnly]
-PresentationContexts = CTOnly
-"""
 
 
 def test_sop_class_the_peer_refuses(tmp_path: Path, storescp: Storescp) -> None:
