@@ -29,7 +29,7 @@ from pacscli.net.dimse import (
     encode_command,
 )
 from pacscli.net.scp_qr import MODELS, QR_TRANSFER_SYNTAXES, handle_find, handle_get, handle_move
-from pacscli.net.server import Association, AssociationServer, Context, Dataset, ServerConfig, Service
+from pacscli.net.server import Association, AssociationServer, Context, ReceivedDataset, ServerConfig, Service
 from pacscli.net.sop_classes import storage_sop_classes
 from pacscli.records import Record, failed
 
@@ -45,7 +45,8 @@ STATUS_CANNOT_UNDERSTAND = 0xC000
 RecordSink = Callable[[Record], None]
 
 
-def handle_echo(assoc: Association, context: Context, command: Command, dataset: Dataset | None) -> None:
+def handle_echo(assoc: Association, context: Context, command: Command,
+                dataset: ReceivedDataset | None) -> None:
     """C-ECHO: answer success."""
     assoc.send_message(context.id, encode_command(
         CommandField=C_ECHO_RSP, AffectedSOPClassUID=command.get("AffectedSOPClassUID", VERIFICATION),
@@ -54,7 +55,7 @@ def handle_echo(assoc: Association, context: Context, command: Command, dataset:
 
 
 def store_received(archive: Archive, emit: RecordSink, assoc: Association, context: Context,
-                   command: Command, dataset: Dataset | None) -> int:
+                   command: Command, dataset: ReceivedDataset | None) -> int:
     """Put a received C-STORE dataset into the archive; emit its record; return the status.
 
     Success is answered only once the file is in place and indexed; a disk full or I/O
@@ -88,7 +89,8 @@ def store_received(archive: Archive, emit: RecordSink, assoc: Association, conte
 def handle_store(archive: Archive, emit: RecordSink) -> Service:
     """The C-STORE service over `archive`."""
 
-    def service(assoc: Association, context: Context, command: Command, dataset: Dataset | None) -> None:
+    def service(assoc: Association, context: Context, command: Command,
+                dataset: ReceivedDataset | None) -> None:
         status = store_received(archive, emit, assoc, context, command, dataset)
         assoc.send_message(context.id, encode_command(
             CommandField=C_STORE_RSP, AffectedSOPClassUID=command.get("AffectedSOPClassUID"),

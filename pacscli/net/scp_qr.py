@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
 
-from pydicom.dataset import Dataset as PydicomDataset
+from pydicom.dataset import Dataset
 from pydicom.uid import UID
 
 from pacscli.archive.archive import Archive
@@ -39,7 +39,7 @@ from pacscli.net.dimse import (
     encode_command,
     encode_identifier,
 )
-from pacscli.net.server import Association, AssociationClosed, Context, Dataset, Service
+from pacscli.net.server import Association, AssociationClosed, Context, ReceivedDataset, Service
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +69,7 @@ _UNCOMPRESSED = ("1.2.840.10008.1.2.1", "1.2.840.10008.1.2")
 
 
 def _respond(assoc: Association, context: Context, field_: int, request: Command, status: int,
-             identifier: PydicomDataset | None = None, comment: str | None = None,
+             identifier: Dataset | None = None, comment: str | None = None,
              counts: SubOperations | None = None) -> None:
     """Send one C-FIND/C-MOVE/C-GET response, with an identifier when given."""
     numbers = counts.as_command(final=status not in (PENDING, 0xFF01)) if counts else {}
@@ -81,7 +81,7 @@ def _respond(assoc: Association, context: Context, field_: int, request: Command
     ), None if identifier is None else encode_identifier(identifier, context.transfer_syntax))
 
 
-def _identifier(context: Context, dataset: Dataset | None) -> PydicomDataset:
+def _identifier(context: Context, dataset: ReceivedDataset | None) -> Dataset:
     if dataset is None:
         raise PacsError("the request has no identifier")
     content = dataset.content()
@@ -96,7 +96,7 @@ def handle_find(settings: Settings, archive: Archive) -> Service:
     """The C-FIND service over the archive's index."""
 
     def service(assoc: Association, context: Context, command: Command,
-                dataset: Dataset | None) -> None:
+                dataset: ReceivedDataset | None) -> None:
         if not _permitted(settings, assoc, context, command, C_FIND_RSP):
             return
         try:
@@ -161,11 +161,11 @@ class SubOperations:
             "NumberOfWarningSuboperations": self.warning,
         }
 
-    def final_status(self) -> tuple[int, PydicomDataset | None]:
+    def final_status(self) -> tuple[int, Dataset | None]:
         """Success, or 0xB000 with the Failed SOP Instance UID List when any failed."""
         if not self.failed and not self.warning:
             return SUCCESS, None
-        identifier = PydicomDataset()
+        identifier = Dataset()
         if self.failed_uids:
             identifier.FailedSOPInstanceUIDList = self.failed_uids
         return SUB_OPERATIONS_FAILED, identifier if self.failed_uids else None
@@ -188,7 +188,7 @@ def _permitted(settings: Settings, assoc: Association, context: Context, command
 
 
 def _retrieve_items(archive: Archive, assoc: Association, context: Context, command: Command,
-                    dataset: Dataset | None, response: int) -> list[RetrieveItem] | None:
+                    dataset: ReceivedDataset | None, response: int) -> list[RetrieveItem] | None:
     """The instances a C-MOVE or C-GET asks for; None when the request was refused (a bad
     identifier is answered 0xA900, anything else 0xC000)."""
     try:
@@ -212,7 +212,7 @@ def handle_move(settings: Settings, archive: Archive,
     """
 
     def service(assoc: Association, context: Context, command: Command,
-                dataset: Dataset | None) -> None:
+                dataset: ReceivedDataset | None) -> None:
         if not _permitted(settings, assoc, context, command, C_MOVE_RSP):
             return
         destination = command.get("MoveDestination")
@@ -278,7 +278,7 @@ def handle_get(settings: Settings, archive: Archive) -> Service:
     """The C-GET service: send the matching instances back over the same association."""
 
     def service(assoc: Association, context: Context, command: Command,
-                dataset: Dataset | None) -> None:
+                dataset: ReceivedDataset | None) -> None:
         if not _permitted(settings, assoc, context, command, C_GET_RSP):
             return
         items = _retrieve_items(archive, assoc, context, command, dataset, C_GET_RSP)

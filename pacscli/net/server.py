@@ -85,7 +85,7 @@ class ServerConfig:
     network_timeout: float = 60.0
 
 
-class Dataset:
+class ReceivedDataset:
     """A received dataset: bytes in memory, or a raw dataset file in staging when large."""
 
     def __init__(self, staging: Path) -> None:
@@ -250,12 +250,12 @@ class Association:
         with self._send_lock:
             self.sock.sendall(out)
 
-    def receive_message(self) -> tuple[Context, Command, Dataset | None] | None:
+    def receive_message(self) -> tuple[Context, Command, ReceivedDataset | None] | None:
         """The next complete DIMSE message, or None when the peer released the association."""
         command_bytes = bytearray()
         command: Command | None = None
         context: Context | None = None
-        dataset: Dataset | None = None
+        dataset: ReceivedDataset | None = None
         try:
             while True:
                 pdu_type, body = self.recv_pdu()
@@ -295,7 +295,7 @@ class Association:
                             context = self.contexts[context_id]
                             if not command.has_dataset:
                                 return context, command, None
-                            dataset = Dataset(self.staging)
+                            dataset = ReceivedDataset(self.staging)
                     else:
                         if command is None or dataset is None:
                             raise self._protocol_error("dataset fragment before its command")
@@ -352,7 +352,7 @@ class Association:
 
 
 # A service answers one DIMSE message; it sends its responses through the association.
-Service = Callable[[Association, Context, Command, Dataset | None], None]
+Service = Callable[[Association, Context, Command, ReceivedDataset | None], None]
 
 
 @dataclass
