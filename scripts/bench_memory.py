@@ -36,32 +36,21 @@ import numpy as np
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
-try:
-    from scripts.bench_serve import (
-        DCMSEND,
-        DCMTK_ENV,
-        ECHOSCU,
-        cores,
-        install_cleanup,
-        make_tmp,
-        require_tools,
-        run_timed,
-        start_pacs_serve,
-        stop_all,
-    )
-except ImportError:  # run as `python scripts/bench_memory.py`: scripts/ is on sys.path
-    from bench_serve import (  # type: ignore[import-not-found,no-redef]
-        DCMSEND,
-        DCMTK_ENV,
-        ECHOSCU,
-        cores,
-        install_cleanup,
-        make_tmp,
-        require_tools,
-        run_timed,
-        start_pacs_serve,
-        stop_all,
-    )
+# `python scripts/bench_memory.py` puts scripts/ on sys.path but not the repository: add it, so the
+# `scripts.` imports below work however the script is started.
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from scripts.bench_serve import (
+    DCMSEND,
+    DCMTK_ENV,
+    ECHOSCU,
+    cores,
+    install_cleanup,
+    make_tmp,
+    require_tools,
+    run_timed,
+    start_pacs_serve,
+    stop_all,
+)
 
 MULTIFRAME_WORD_SC = "1.2.840.10008.5.1.4.1.1.7.3"  # Multi-frame Grayscale Word SC Image Storage
 TARGET_MB = 200.0

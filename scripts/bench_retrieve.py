@@ -23,12 +23,11 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-try:
-    from scripts import bench_serve as bench
-    from scripts.benchdata import make_ct_series
-except ImportError:  # run as `python scripts/bench_retrieve.py`
-    import bench_serve as bench  # type: ignore[no-redef]
-    from benchdata import make_ct_series  # type: ignore[import-not-found,no-redef]
+# `python scripts/bench_retrieve.py` puts scripts/ on sys.path but not the repository: add it, so the
+# `scripts.` imports below work however the script is started.
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from scripts import bench_serve as bench
+from scripts.benchdata import make_ct_series
 
 GETSCU, MOVESCU, DCMQRSCP = "/usr/bin/getscu", "/usr/bin/movescu", "/usr/bin/dcmqrscp"
 TARGET = 0.7

@@ -47,10 +47,10 @@ from pathlib import Path
 from types import FrameType
 from typing import Protocol, TypeVar
 
-try:
-    from scripts.benchdata import make_ct_series
-except ImportError:  # run as `python scripts/bench_serve.py`: scripts/ is on sys.path
-    from benchdata import make_ct_series  # type: ignore[import-not-found,no-redef]
+# `python scripts/bench_serve.py` puts scripts/ on sys.path but not the repository: add it, so the
+# `scripts.` imports below work however the script is started.
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from scripts.benchdata import make_ct_series
 
 REPO = Path(__file__).resolve().parent.parent
 STORESCU = "/usr/bin/storescu"

@@ -33,48 +33,29 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-try:
-    from scripts.bench_serve import (
-        ECHOSCU,
-        REPO,
-        STORESCP,
-        STORESCU,
-        cores,
-        count_files,
-        install_cleanup,
-        make_tmp,
-        median_run,
-        ok_records,
-        require_tools,
-        run_timed,
-        start_storescp,
-        stop_all,
-        stop_process,
-        storescu,
-        tree_bytes,
-    )
-    from scripts.benchdata import make_ct_series
-except ImportError:  # run as `python scripts/bench_store.py`: scripts/ is on sys.path
-    from bench_serve import (  # type: ignore[import-not-found,no-redef]
-        ECHOSCU,
-        REPO,
-        STORESCP,
-        STORESCU,
-        cores,
-        count_files,
-        install_cleanup,
-        make_tmp,
-        median_run,
-        ok_records,
-        require_tools,
-        run_timed,
-        start_storescp,
-        stop_all,
-        stop_process,
-        storescu,
-        tree_bytes,
-    )
-    from benchdata import make_ct_series  # type: ignore[import-not-found,no-redef]
+# `python scripts/bench_store.py` puts scripts/ on sys.path but not the repository: add it, so the
+# `scripts.` imports below work however the script is started.
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from scripts.bench_serve import (
+    ECHOSCU,
+    REPO,
+    STORESCP,
+    STORESCU,
+    cores,
+    count_files,
+    install_cleanup,
+    make_tmp,
+    median_run,
+    ok_records,
+    require_tools,
+    run_timed,
+    start_storescp,
+    stop_all,
+    stop_process,
+    storescu,
+    tree_bytes,
+)
+from scripts.benchdata import make_ct_series
 
 STORE_TARGET = 0.7
 

@@ -35,18 +35,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-try:
-    from scripts.bench_serve import cores, make_tmp, median_run, run_timed, tree_bytes
-    from scripts.benchdata import make_ct_series
-except ImportError:  # run as `python scripts/bench_verify.py`: scripts/ is on sys.path
-    from bench_serve import (  # type: ignore[import-not-found,no-redef]
-        cores,
-        make_tmp,
-        median_run,
-        run_timed,
-        tree_bytes,
-    )
-    from benchdata import make_ct_series  # type: ignore[import-not-found,no-redef]
+# `python scripts/bench_verify.py` puts scripts/ on sys.path but not the repository: add it, so the
+# `scripts.` imports below work however the script is started.
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from scripts.bench_serve import cores, make_tmp, median_run, run_timed, tree_bytes
+from scripts.benchdata import make_ct_series
 
 VERIFY_TARGET = 0.8
 
