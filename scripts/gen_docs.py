@@ -11,8 +11,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import typer.completion
 import typer.main
+from typer.completion import get_completion_script  # type: ignore[attr-defined]
 
 from pacscli import __version__
 from pacscli.cli.app import app
@@ -23,7 +23,7 @@ ROOT = Path(__file__).resolve().parent.parent
 def completion_scripts() -> dict[Path, str]:
     """Shell completion scripts, as `pacs --show-completion SHELL` prints them."""
     return {
-        ROOT / "completions" / f"pacs.{shell}": typer.completion.get_completion_script(
+        ROOT / "completions" / f"pacs.{shell}": get_completion_script(
             prog_name="pacs", complete_var="_PACS_COMPLETE", shell=shell)
         for shell in ("bash", "zsh", "fish")
     }
