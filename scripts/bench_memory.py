@@ -108,20 +108,22 @@ def write_big_instance(path: Path, frames: int, rows: int = 512, cols: int = 512
     return path.stat().st_size
 
 
-def dataset_sha256(path: Path) -> tuple[int, str]:
-    """(size, sha256) of a Part 10 file's dataset: the bytes after its file meta group."""
+def dataset_sha256(path: Path) -> tuple[int, str, str]:
+    """(size, sha256) of a Part 10 file's dataset (the bytes after its file meta group), and
+    the sha256 of the whole file, in one read."""
     with open(path, "rb") as fp:
         head = fp.read(144)
         if head[128:132] != b"DICM" or head[132:136] != b"\x02\x00\x00\x00" or head[136:138] != b"UL":
             raise ValueError(f"{path}: no file meta group length to find the dataset by")
-        offset = 144 + struct.unpack("<I", head[140:144])[0]
-        fp.seek(offset)
+        meta_rest = fp.read(struct.unpack("<I", head[140:144])[0])
+        whole = hashlib.sha256(head + meta_rest)
         digest = hashlib.sha256()
         size = 0
         while chunk := fp.read(_CHUNK):
             digest.update(chunk)
+            whole.update(chunk)
             size += len(chunk)
-    return size, digest.hexdigest()
+    return size, digest.hexdigest(), whole.hexdigest()
 
 
 def proc_status_kb(pid: int, field: str) -> int | None:
@@ -163,10 +165,10 @@ class RssSampler(threading.Thread):
 
 
 def index_row(archive: Path) -> tuple[int, list[tuple[str, int, str]]]:
-    """(row count, [(path, size, content_sha256)]) of the archive's instances table."""
+    """(row count, [(path, size, sha256)]) of the archive's instances table."""
     conn = sqlite3.connect(f"file:{archive / 'index.sqlite'}?mode=ro", uri=True)
     try:
-        rows = conn.execute("SELECT path, size, content_sha256 FROM instances").fetchall()
+        rows = conn.execute("SELECT path, size, sha256 FROM instances").fetchall()
     finally:
         conn.close()
     return len(rows), [(str(p), int(s), str(h)) for p, s, h in rows]
@@ -191,7 +193,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         big = work / "big.dcm"
         t0 = time.perf_counter()
         size = write_big_instance(big, args.frames)
-        sent_size, sent_sha = dataset_sha256(big)
+        sent_size, sent_sha, _ = dataset_sha256(big)
         mb = size / 1e6
         print(f"bench_memory: one instance of {args.frames} frames 512x512 16-bit, {mb:.1f} MB "
               f"({size / 2**30:.2f} GiB), written in {time.perf_counter() - t0:.1f} s; {cores()}",
@@ -241,14 +243,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             on_disk = archived.stat().st_size
             if on_disk != row_size:
                 problems.append(f"index says {row_size} bytes, the file has {on_disk}")
-            got_size, got_sha = dataset_sha256(archived)
-            if (got_size, got_sha) != (sent_size, sent_sha) or row_sha != sent_sha:
-                problems.append(f"archived dataset {got_size} bytes sha256 {got_sha[:12]}... "
-                                f"(index {row_sha[:12]}...), sent {sent_size} bytes "
-                                f"{sent_sha[:12]}...")
+            got_size, got_sha, file_sha = dataset_sha256(archived)
+            if (got_size, got_sha) != (sent_size, sent_sha) or row_sha != file_sha:
+                problems.append(f"archived dataset {got_size} bytes sha256 {got_sha[:12]}..., "
+                                f"sent {sent_size} bytes {sent_sha[:12]}...; file sha256 "
+                                f"{file_sha[:12]}..., index {row_sha[:12]}...")
             else:
-                print(f"check: 1 index row; archived file {on_disk} bytes (= index size); dataset "
-                      f"{got_size} bytes, sha256 equal to the file sent")
+                print(f"check: 1 index row; archived file {on_disk} bytes (= index size, its "
+                      f"sha256 = index sha256); dataset {got_size} bytes, sha256 equal to the "
+                      f"file sent")
         if problems:
             print("CHECK FAILED: " + "; ".join(problems))
             return 2

@@ -1,9 +1,12 @@
 """The archive: one place, `Archive.put`, where an instance enters, whoever brought it.
 
 A put writes the file under a temporary name in the archive's staging folder, flushes it
-(fsync under the default durability), renames it into place, syncs the folder, and only then
-updates the index. A crash therefore never leaves a half-written file under a real name, and
-the index never points at one.
+(fdatasync under the default durability), renames it into place, syncs the folder, and only
+then updates the index. A crash therefore never leaves a half-written file under a real name,
+and the index never points at one.
+
+The sha256 of a received instance is computed in a worker thread while the file is written
+and synced: hashlib releases the GIL, and inline it cost as much as the sync itself.
 """
 
 from __future__ import annotations
@@ -14,21 +17,22 @@ import logging
 import mmap
 import os
 import shutil
-import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
 from pacscli.archive import layout
 from pacscli.archive.index import Index, InstanceRow, StoredFile
+from pacscli.archive.staging import StagingFolder
 from pacscli.config import StorageSettings
-from pacscli.dicom.identity import InstanceInfo, read_instance_info, read_received_info
+from pacscli.dicom.identity import InstanceInfo, read_instance_info, read_received_info, seek_dataset
 from pacscli.dicom.part10 import part10_header
-from pacscli.errors import ArchiveError, OutOfResourcesError
+from pacscli.errors import ArchiveError, InvalidDicomError, OutOfResourcesError
 
 try:
     import fcntl
@@ -38,6 +42,8 @@ except ImportError:  # pragma: no cover - not POSIX
 log = logging.getLogger(__name__)
 
 _CHUNK = 1024 * 1024
+# Below this, hashing in the calling thread costs less than handing the work to another.
+_HASH_IN_THREAD = 256 * 1024
 # Errors that mean "no room or the device failed": reported as out of resources (0xA700).
 _RESOURCE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EIO, errno.EROFS}
 
@@ -96,13 +102,14 @@ class Archive:
         try:
             self.root.mkdir(parents=True, exist_ok=True)
             self.staging = self.root / layout.STAGING_DIR / str(os.getpid())
-            self.staging.mkdir(parents=True, exist_ok=True)
+            self._staging_folder = StagingFolder(self.staging)
             (self.root / layout.LOCKS_DIR).mkdir(exist_ok=True)
         except OSError as exc:
             raise _resource_error(exc, f"cannot create the archive at {self.root}") from exc
         self.index = Index(self.root / layout.INDEX_FILE)
         self._stripes: dict[str, tuple[threading.Lock, int]] = {}  # lock stripe -> (lock, fd)
         self._stripes_guard = threading.Lock()
+        self._hashers: ThreadPoolExecutor | None = None
         self._clean_dead_staging()
 
     def close(self) -> None:
@@ -112,7 +119,10 @@ class Archive:
             for _, fd in self._stripes.values():
                 os.close(fd)
             self._stripes.clear()
-        shutil.rmtree(self.staging, ignore_errors=True)
+            if self._hashers is not None:
+                self._hashers.shutdown()
+                self._hashers = None
+        self._staging_folder.close()
 
     def _clean_dead_staging(self) -> None:
         """Remove staging folders of processes that no longer run (left by a crash)."""
@@ -126,11 +136,6 @@ class Archive:
                 shutil.rmtree(entry, ignore_errors=True)
             except PermissionError:
                 pass  # alive, someone else's
-
-    def staging_file(self, suffix: str = ".tmp") -> tuple[BinaryIO, Path]:
-        """A new temporary file in this process's staging folder, open for writing."""
-        fd, name = tempfile.mkstemp(suffix=suffix, dir=self.staging)
-        return os.fdopen(fd, "wb"), Path(name)
 
     def abspath(self, relpath: str) -> Path:
         """The absolute path of an indexed file (paths of in-place files are absolute)."""
@@ -161,28 +166,30 @@ class Archive:
         info = read_received_info(dataset, transfer_syntax)
         return self._put(info, dataset, self._file_meta_bytes(info, source_aet), source_aet)
 
-    def _put(self, info: InstanceInfo, source: bytes | Path, header: bytes | None,
+    def _put(self, info: InstanceInfo, source: bytes | bytearray | Path, header: bytes | None,
              source_aet: str | None) -> PutResult:
         """Stage, settle duplicates and conflicts, place and index one instance."""
         relpath = layout.instance_relpath(info.study_uid, info.series_uid, info.sop_uid)
         final = self.root / relpath
-        staged, size, sha256, content_sha256 = self._stage(source, info, header)
+        staged = self._stage(source, info, header)
         try:
             with self._instance_lock(info.sop_uid):  # settle, place and index as one step
-                existing, settled = self._settled(info, content_sha256)
-                if settled is not None:
-                    return settled
+                existing = self.index.lookup(info.sop_uid)
+                if existing is not None:
+                    existing, settled = self._settled(info, existing, source,
+                                                      info.dataset_offset)
+                    if settled is not None:
+                        return settled
                 outcome = "stored"
                 moved = existing is not None and existing.path != relpath
                 if existing is not None and self.abspath(existing.path).exists():
                     outcome = "replaced"
                     if not moved:  # the new file takes its name: keep a link to the old one
                         self._set_aside(self.abspath(existing.path), info.sop_uid)
-                self._place(staged, final)
-                stored = StoredFile(
-                    path=relpath, size=size, sha256=sha256, content_sha256=content_sha256,
-                    received_at=final.stat().st_mtime, source_aet=source_aet,
-                )
+                mtime = self._place(staged, final)  # the sync overlaps the hashing
+                sha256 = staged.sha256()
+                stored = StoredFile(path=relpath, size=staged.size, sha256=sha256,
+                                    received_at=mtime, source_aet=source_aet)
                 try:
                     # A row of the same instance elsewhere (other study or series UIDs) is
                     # dropped in the same transaction, with the parents it leaves empty.
@@ -194,9 +201,9 @@ class Archive:
                 if moved and outcome == "replaced" and existing is not None:
                     # Now that the index names the new file, the old one leaves studies/.
                     self._set_aside(self.abspath(existing.path), info.sop_uid, move=True)
-                return PutResult(info, final, outcome, size, sha256)
+                return PutResult(info, final, outcome, staged.size, sha256)
         finally:
-            staged.unlink(missing_ok=True)
+            staged.discard()
 
     @contextmanager
     def _instance_lock(self, sop_uid: str) -> Iterator[None]:
@@ -224,15 +231,15 @@ class Archive:
             finally:
                 fcntl.flock(fd, fcntl.LOCK_UN)
 
-    def _settled(self, info: InstanceInfo,
-                 content_sha256: str) -> tuple[InstanceRow | None, PutResult | None]:
-        """The indexed instance with the same SOP Instance UID, and the result when it settles
-        the matter: its file holds the same dataset (duplicate), or another one that
-        on_conflict = 'keep' keeps (kept). A row whose file is gone settles nothing."""
-        existing = self.index.lookup(info.sop_uid)
-        if existing is None or not self.abspath(existing.path).exists():
+    def _settled(self, info: InstanceInfo, existing: InstanceRow, source: bytes | bytearray | Path,
+                 source_offset: int) -> tuple[InstanceRow | None, PutResult | None]:
+        """`existing` (the indexed instance with the same SOP Instance UID), and the result
+        when it settles the matter: its file holds the dataset of `source` (bytes, or a file
+        from `source_offset`) byte for byte (duplicate), or another one that on_conflict =
+        'keep' keeps (kept). A row whose file is gone settles nothing."""
+        if not self.abspath(existing.path).exists():
             return existing, None
-        if existing.content_sha256 == content_sha256:
+        if _same_dataset(self.abspath(existing.path), source, source_offset):
             outcome = "duplicate"
         elif self.storage.on_conflict == "keep":
             outcome = "kept"
@@ -265,16 +272,15 @@ class Archive:
         """
         source = Path(os.path.abspath(source))
         info = info or read_instance_info(source)
-        hashes = hashes or hash_file(source, info.dataset_offset)
+        hashes = hashes or hash_file(source)
         path = self.recorded_path(source)
         stored = StoredFile(path=path, size=hashes.size, sha256=hashes.sha256,
-                            content_sha256=hashes.content_sha256, received_at=hashes.mtime,
-                            source_aet=info.source_aet)
+                            received_at=hashes.mtime, source_aet=info.source_aet)
         with self._instance_lock(info.sop_uid):
             existing = self.index.lookup(info.sop_uid)
             outcome = "indexed"
             if existing is not None and existing.path != path:
-                existing, settled = self._settled(info, hashes.content_sha256)
+                existing, settled = self._settled(info, existing, source, info.dataset_offset)
                 if settled is not None:
                     return settled
                 if existing is not None and self.abspath(existing.path).exists():
@@ -288,45 +294,53 @@ class Archive:
                 self._set_aside(self.abspath(existing.path), info.sop_uid, move=True)
         return PutResult(info, source, outcome, hashes.size, hashes.sha256)
 
-    def _stage(self, source: bytes | Path, info: InstanceInfo,
-               header: bytes | None) -> tuple[Path, int, str, str]:
-        """Write the archive file's bytes to staging; return its path, size and hashes.
+    def _stage(self, source: bytes | bytearray | Path, info: InstanceInfo,
+               header: bytes | None) -> _Staged:
+        """Write the archive file's bytes to a new staging file, left open and unsynced.
 
         `source` is a Part 10 file copied whole (header None) or from its dataset on after
         `header`, or received dataset bytes / a raw dataset file written after `header`.
-        The fsync waits until `_place`, so a duplicate costs no sync.
+        The sync waits until `_place`, so a duplicate costs no sync. Bytes in memory are
+        hashed in worker threads meanwhile; files are hashed as they are copied.
         """
-        out, staged = self.staging_file(layout.INSTANCE_SUFFIX)
-        file_hash, content_hash = hashlib.sha256(), hashlib.sha256()
-        size = 0
-
-        def write(chunk: bytes | memoryview, content: bool) -> None:
-            nonlocal size
-            out.write(chunk)
-            file_hash.update(chunk)
-            if content:
-                content_hash.update(chunk)
-            size += len(chunk)
-
         try:
-            with out:
-                if isinstance(source, bytes | bytearray | memoryview):
-                    write(header or b"", False)
-                    write(source, True)
-                else:
-                    with open(source, "rb") as src:
-                        if header is None:
-                            write(src.read(info.dataset_offset), False)
-                        else:
-                            write(header, False)
-                            src.seek(info.dataset_offset)
-                        while chunk := src.read(_CHUNK):
-                            write(chunk, True)
-                out.flush()
+            fd, path = self._staging_folder.new_file()
         except OSError as exc:
-            staged.unlink(missing_ok=True)
             raise _resource_error(exc, f"cannot write {info.sop_uid} to the archive") from exc
-        return staged, size, file_hash.hexdigest(), content_hash.hexdigest()
+        staged = _Staged(path, fd)
+        try:
+            if isinstance(source, bytes | bytearray):
+                staged.sha256 = self._hash_later([header or b"", source])
+                staged.write(header or b"")
+                staged.write(source)
+            else:
+                file_hash = hashlib.sha256()
+                with open(source, "rb") as src:
+                    if header is None:
+                        header = src.read(info.dataset_offset)
+                    src.seek(info.dataset_offset)
+                    staged.write(header)
+                    file_hash.update(header)
+                    while chunk := src.read(_CHUNK):
+                        staged.write(chunk)
+                        file_hash.update(chunk)
+                digest = file_hash.hexdigest()
+                staged.sha256 = lambda: digest
+        except OSError as exc:
+            staged.discard()
+            raise _resource_error(exc, f"cannot write {info.sop_uid} to the archive") from exc
+        return staged
+
+    def _hash_later(self, parts: Sequence[bytes | bytearray]) -> Callable[[], str]:
+        """Start hashing the file made of `parts`; return what waits for its sha256."""
+        if sum(len(part) for part in parts) < _HASH_IN_THREAD:
+            digest = _sha256(parts)
+            return lambda: digest
+        with self._stripes_guard:
+            if self._hashers is None:
+                self._hashers = ThreadPoolExecutor(max_workers=2, thread_name_prefix="sha256")
+            hashers = self._hashers
+        return hashers.submit(_sha256, parts).result
 
     @staticmethod
     def _file_meta_bytes(info: InstanceInfo, source_aet: str | None) -> bytes:
@@ -338,24 +352,25 @@ class Archive:
             source_aet=source_aet,
         )
 
-    def _place(self, staged: Path, final: Path) -> None:
-        """Sync a staged file, rename it into place and make the rename durable."""
+    def _place(self, staged: _Staged, final: Path) -> float:
+        """Sync a staged file, rename it into place and make the rename durable; return its
+        mtime (the received_at the index records)."""
+        assert staged.fd is not None, "placed twice"
         try:
             if self.storage.durability == "fsync":
                 # fdatasync: the data and the size needed to read it back, without the
                 # timestamp-only journal commit that made fsync ~3x slower here.
-                fd = os.open(staged, os.O_RDONLY)
-                try:
-                    os.fdatasync(fd)
-                finally:
-                    os.close(fd)
+                os.fdatasync(staged.fd)
+            mtime = os.fstat(staged.fd).st_mtime
+            staged.close()
             created = self._makedirs(final.parent)
-            os.replace(staged, final)
+            os.replace(staged.path, final)
             if self.storage.durability == "fsync":
                 for folder in [final.parent, *created]:
                     _fsync_dir(folder)
         except OSError as exc:
             raise _resource_error(exc, f"cannot place {final.name} in the archive") from exc
+        return mtime
 
     def _makedirs(self, folder: Path) -> list[Path]:
         """Create `folder` and its missing parents; return the parents whose entries changed."""
@@ -383,42 +398,93 @@ class Archive:
             raise _resource_error(exc, f"cannot set aside {path.name} before replacing it") from exc
 
 
+class _Staged:
+    """A file being written in staging: its path, open descriptor, size so far, and its
+    sha256 (a call that may wait for the thread computing it)."""
+
+    def __init__(self, path: Path, fd: int) -> None:
+        self.path = path
+        self.fd: int | None = fd
+        self.size = 0
+        self.sha256: Callable[[], str] = lambda: ""
+
+    def write(self, data: bytes | bytearray) -> None:
+        """Append all of `data` (os.write may take less than asked)."""
+        assert self.fd is not None
+        view = memoryview(data)
+        while view:
+            written = os.write(self.fd, view)
+            view = view[written:]
+        self.size += len(data)
+
+    def close(self) -> None:
+        """Close the descriptor (once)."""
+        if self.fd is not None:
+            fd, self.fd = self.fd, None
+            os.close(fd)
+
+    def discard(self) -> None:
+        """Close and remove the staged file, if it is still in staging."""
+        self.close()
+        self.path.unlink(missing_ok=True)
+
+
+def _sha256(parts: Sequence[bytes | bytearray]) -> str:
+    digest = hashlib.sha256()
+    for part in parts:
+        digest.update(part)
+    return digest.hexdigest()
+
+
+def _same_dataset(archived: Path, source: bytes | bytearray | Path, source_offset: int) -> bool:
+    """True when the archive file `archived` holds the dataset of `source` (bytes, or a file
+    from `source_offset`) byte for byte; False too when it cannot be read."""
+    try:
+        with open(archived, "rb") as old:
+            seek_dataset(old)
+            if isinstance(source, bytes | bytearray):
+                view, position = memoryview(source), 0
+                while chunk := old.read(_CHUNK):
+                    if view[position:position + len(chunk)] != chunk:
+                        return False
+                    position += len(chunk)
+                return position == len(view)
+            with open(source, "rb") as new:
+                new.seek(source_offset)
+                while True:
+                    chunk = old.read(_CHUNK)
+                    if chunk != new.read(_CHUNK):
+                        return False
+                    if not chunk:
+                        return True
+    except (OSError, InvalidDicomError):
+        return False
+
+
 @dataclass(frozen=True)
 class FileHashes:
-    """A file's size, sha256, the sha256 of its dataset (the bytes after the file meta),
-    and its mtime: what the index records of a file."""
+    """A file's size, sha256 and mtime: what the index records of a file."""
 
     size: int
     sha256: str
-    content_sha256: str
     mtime: float
 
 
-def hash_bytes(data: bytes | memoryview | mmap.mmap, dataset_offset: int,
-               mtime: float) -> FileHashes:
+def hash_bytes(data: bytes | memoryview | mmap.mmap, mtime: float) -> FileHashes:
     """The FileHashes of a file's bytes already in memory (or mapped)."""
-    view = memoryview(data)
-    try:
-        content = hashlib.sha256(view[dataset_offset:]).hexdigest()
-        whole = hashlib.sha256(view).hexdigest()
-    finally:
-        view.release()
-    return FileHashes(len(data), whole, content, mtime)
+    return FileHashes(len(data), hashlib.sha256(data).hexdigest(), mtime)
 
 
-def hash_file(path: Path, dataset_offset: int) -> FileHashes:
+def hash_file(path: Path) -> FileHashes:
     """The FileHashes of a file, read in chunks."""
-    file_hash, content_hash = hashlib.sha256(), hashlib.sha256()
+    digest = hashlib.sha256()
+    size = 0
     with open(path, "rb") as fp:
         mtime = os.fstat(fp.fileno()).st_mtime
-        header = fp.read(dataset_offset)
-        file_hash.update(header)
-        size = len(header)
         while chunk := fp.read(_CHUNK):
-            file_hash.update(chunk)
-            content_hash.update(chunk)
+            digest.update(chunk)
             size += len(chunk)
-    return FileHashes(size, file_hash.hexdigest(), content_hash.hexdigest(), mtime)
+    return FileHashes(size, digest.hexdigest(), mtime)
 
 
 def _fsync_dir(folder: Path) -> None:

@@ -18,7 +18,7 @@ from typing import Any
 from pacscli.dicom.attributes import INDEXED_ATTRIBUTES, InstanceInfo
 from pacscli.errors import ArchiveError
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 _LEVEL_TABLES = {"patient": "patients", "study": "studies", "series": "series", "instance": "instances"}
 
@@ -74,6 +74,12 @@ CREATE INDEX instances_series ON instances(series_pk);
     2: """
 CREATE INDEX IF NOT EXISTS patients_name_lower ON patients(lower(PatientName));
 """,
+    # The dataset's own sha256 told a re-received instance from a changed one. Hashing every
+    # received instance twice cost more than its fdatasync; the rare conflict now compares
+    # the two datasets byte for byte instead.
+    3: """
+ALTER TABLE instances DROP COLUMN content_sha256;
+""",
 }
 
 
@@ -84,7 +90,6 @@ class StoredFile:
     path: str  # relative to the archive root, or absolute for files indexed in place
     size: int
     sha256: str
-    content_sha256: str
     received_at: float
     source_aet: str | None
 
@@ -97,7 +102,6 @@ class InstanceRow:
     path: str
     size: int
     sha256: str
-    content_sha256: str
 
 
 @dataclass(frozen=True)
@@ -112,13 +116,12 @@ class IndexedFile:
     path: str
     size: int
     sha256: str
-    content_sha256: str
     received_at: float
 
 
 _FILE_QUERY = (
     "SELECT i.pk, i.SOPInstanceUID, se.SeriesInstanceUID, st.StudyInstanceUID, p.PatientID, "
-    "i.path, i.size, i.sha256, i.content_sha256, i.received_at FROM instances i "
+    "i.path, i.size, i.sha256, i.received_at FROM instances i "
     "JOIN series se ON se.pk = i.series_pk JOIN studies st ON st.pk = se.study_pk "
     "JOIN patients p ON p.pk = st.patient_pk"
 )
@@ -206,7 +209,7 @@ class Index:
     def lookup(self, sop_uid: str) -> InstanceRow | None:
         """The indexed instance with this SOP Instance UID, if any."""
         row = self.connection().execute(
-            "SELECT SOPInstanceUID, path, size, sha256, content_sha256 FROM instances "
+            "SELECT SOPInstanceUID, path, size, sha256 FROM instances "
             "WHERE SOPInstanceUID = ?",
             (sop_uid,),
         ).fetchone()
@@ -248,7 +251,6 @@ class Index:
                 "path": stored.path,
                 "size": stored.size,
                 "sha256": stored.sha256,
-                "content_sha256": stored.content_sha256,
                 "transfer_syntax": info.transfer_syntax,
                 "received_at": stored.received_at,
                 "source_aet": stored.source_aet,

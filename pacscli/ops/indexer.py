@@ -289,7 +289,7 @@ def _prepare(path: str) -> _Prepared:
     with Part10File(path) as f:
         _instance_scan(f)
         info = read_instance_info(Path(path))
-        return _Prepared(path, info, hash_bytes(f.data, info.dataset_offset, f.mtime))
+        return _Prepared(path, info, hash_bytes(f.data, f.mtime))
 
 
 def _ticking(records: Iterable[Record], total: int, progress: Progress | None) -> Iterator[Record]:

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import hashlib
+import sqlite3
 import subprocess
 from pathlib import Path
 
 import pydicom
 
 from pacscli.archive.archive import Archive
+from pacscli.archive.index import MIGRATIONS, SCHEMA_VERSION, Index
 from pacscli.config import StorageSettings
+from pacscli.dicom.identity import seek_dataset
 from tests.conftest import pacs_cmd, testdata
 
 
@@ -52,3 +56,76 @@ def test_keep_policy_leaves_the_archived_instance(tmp_path: Path) -> None:
     assert instance_files(archive.root) == [first.path]
     assert str(pydicom.dcmread(first.path).PatientName) == "CompressedSamples^CT1"
     archive.close()
+
+
+def _dataset_bytes(path: Path) -> tuple[bytes, str, str]:
+    """A Part 10 file's dataset bytes (after the file meta), transfer syntax and SOP UID."""
+    with open(path, "rb") as fp:
+        offset = seek_dataset(fp)
+    ds = pydicom.dcmread(path, stop_before_pixels=True)
+    return path.read_bytes()[offset:], str(ds.file_meta.TransferSyntaxUID), str(ds.SOPInstanceUID)
+
+
+def test_received_instances_are_settled_by_their_dataset_bytes(tmp_path: Path) -> None:
+    """The same dataset from another AE is a duplicate although the file meta differs; a
+    dataset of the same length differing in one byte is a conflict, settled by the policy."""
+    data, syntax, _ = _dataset_bytes(testdata("explicit_le"))
+    keep = Archive(tmp_path / "keep")
+    first = keep.put_received(data, transfer_syntax=syntax, source_aet="CT1")
+    assert first.outcome == "stored"
+    assert keep.put_received(data, transfer_syntax=syntax, source_aet="OTHER").outcome == "duplicate"
+    flipped = bytearray(data)
+    flipped[-1] ^= 0xFF  # the last pixel byte: same length, same header
+    assert keep.put_received(bytes(flipped), transfer_syntax=syntax, source_aet="CT1").outcome == "kept"
+    assert first.path.read_bytes().endswith(data)
+    keep.close()
+
+    replace = Archive(tmp_path / "replace", StorageSettings(on_conflict="replace"))
+    replace.put_received(data, transfer_syntax=syntax, source_aet="CT1")
+    result = replace.put_received(bytes(flipped), transfer_syntax=syntax, source_aet="CT1")
+    assert result.outcome == "replaced" and result.path.read_bytes().endswith(flipped)
+    replace.close()
+
+
+def test_recorded_sha256_is_the_archived_files(tmp_path: Path) -> None:
+    """Small datasets are hashed inline, large ones in a worker thread: both record the
+    sha256 of the file as it lies in the archive."""
+    archive = Archive(tmp_path / "archive")
+    small, syntax, _ = _dataset_bytes(testdata("explicit_le"))
+    big_ds = pydicom.dcmread(testdata("explicit_le"))
+    big_ds.SOPInstanceUID = "1.2.3.4.5.6.7"
+    big_ds.add_new(0x00091010, "OB", b"x" * 600_000)  # over the threshold for hashing in a thread
+    big_path = tmp_path / "big.dcm"
+    big_ds.save_as(big_path)
+    big, _, _ = _dataset_bytes(big_path)
+    for data in (small, big):
+        result = archive.put_received(data, transfer_syntax=syntax, source_aet="CT1")
+        on_disk = hashlib.sha256(result.path.read_bytes()).hexdigest()
+        assert result.sha256 == on_disk == archive.index.file_of(result.info.sop_uid).sha256  # type: ignore[union-attr]
+    archive.close()
+    assert not archive.staging.exists()
+
+
+def test_schema_2_index_is_migrated_keeping_its_rows(tmp_path: Path) -> None:
+    """An index written by the previous release (schema 2, with content_sha256) opens,
+    is migrated to the current schema and keeps every row."""
+    path = tmp_path / "index.sqlite"
+    conn = sqlite3.connect(path)
+    for version in (1, 2):
+        conn.executescript(MIGRATIONS[version])
+    conn.execute("INSERT INTO patients (PatientID, IssuerOfPatientID) VALUES ('P', '')")
+    conn.execute("INSERT INTO studies (patient_pk, StudyInstanceUID) VALUES (1, '1.2')")
+    conn.execute("INSERT INTO series (study_pk, SeriesInstanceUID) VALUES (1, '1.2.3')")
+    conn.execute("INSERT INTO instances (series_pk, SOPInstanceUID, path, size, sha256, "
+                 "content_sha256, transfer_syntax, received_at) VALUES "
+                 "(1, '1.2.3.4', 'studies/x.dcm', 10, 'aa', 'bb', '1.2.840.10008.1.2', 0)")
+    conn.execute("PRAGMA user_version = 2")
+    conn.commit()
+    conn.close()
+    index = Index(path)
+    assert index.schema_version() == SCHEMA_VERSION == 3
+    row = index.lookup("1.2.3.4")
+    assert row is not None and (row.path, row.size, row.sha256) == ("studies/x.dcm", 10, "aa")
+    columns = {r[1] for r in index.connection().execute("PRAGMA table_info(instances)")}
+    assert "content_sha256" not in columns
+    index.close()
