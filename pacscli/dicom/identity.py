@@ -2,23 +2,33 @@
 
 `INDEXED_ATTRIBUTES` (the attributes the index keeps) and `InstanceInfo` live in
 `pacscli.dicom.attributes`, which does not load pydicom; they are imported here too.
+
+Two readers give the same InstanceInfo: in the common case (little endian, plain ASCII
+values, pydicom's default settings) the element walker of `pacscli.dicom.header` and the
+value conversions at the end of this module, about ten times faster; for everything else,
+and for every error, pydicom (`_pydicom_instance_info`, `_pydicom_received_info`).
 """
 
 from __future__ import annotations
 
+import re
 import struct
 import zlib
+from collections.abc import Callable
 from io import BytesIO
 from pathlib import Path
 from typing import Any, BinaryIO
 
 import pydicom
-from pydicom.datadict import tag_for_keyword
+from pydicom import config as pydicom_config
+from pydicom.charset import python_encoding
+from pydicom.datadict import dictionary_VR, tag_for_keyword
 from pydicom.errors import InvalidDicomError as PydicomInvalidDicomError
 from pydicom.filereader import _read_file_meta_info, read_dataset, read_preamble
 
 from pacscli.dicom.attributes import INDEXED_ATTRIBUTES as INDEXED_ATTRIBUTES
 from pacscli.dicom.attributes import InstanceInfo as InstanceInfo
+from pacscli.dicom.header import KNOWN_VRS, LONG_VRS, NeedMore, Unusual, collect_top_level
 from pacscli.dicom.uids import clean_uid, require_safe_uid
 from pacscli.errors import InvalidDicomError
 
@@ -91,12 +101,10 @@ def seek_dataset(fp: BinaryIO) -> int:
     return read_file_meta(fp)[1]
 
 
-_LONG_VRS = {b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT", b"UV"}
-
-
-def read_meta_values(fp: BinaryIO) -> tuple[dict[int, bytes], int]:
+def read_meta_values(fp: BinaryIO, vrs: dict[int, bytes] | None = None) -> tuple[dict[int, bytes], int]:
     """The raw values of a Part 10 file's meta elements by tag, and its dataset offset (fp
-    left there): for callers that need a few UIDs as stored, padding included.
+    left there): for callers that need a few UIDs as stored, padding included. When given,
+    `vrs` receives each element's VR as written.
 
     Reads the explicit VR little endian group 0002 directly; anything unusual (no group
     length first, implicit VR meta) goes through `read_file_meta`. Raises InvalidDicomError.
@@ -105,6 +113,8 @@ def read_meta_values(fp: BinaryIO) -> tuple[dict[int, bytes], int]:
     if len(head) < 144 or head[128:132] != b"DICM" or head[132:140] != _GROUP_LENGTH:
         fp.seek(0)
         meta, offset = read_file_meta(fp)
+        if vrs is not None:
+            vrs.update((int(elem.tag), str(elem.VR).encode("ascii", "replace")) for elem in meta)
         return {int(elem.tag): _raw(elem.value) for elem in meta}, offset
     end = 144 + int(struct.unpack_from("<I", head, 140)[0])
     body = fp.read(end - 144)
@@ -113,13 +123,15 @@ def read_meta_values(fp: BinaryIO) -> tuple[dict[int, bytes], int]:
     while position + 8 <= len(body):
         group, element = struct.unpack_from("<HH", body, position)
         vr = body[position + 4:position + 6]
-        if vr in _LONG_VRS:
+        if vr in LONG_VRS:
             length = int(struct.unpack_from("<I", body, position + 8)[0])
             position += 12
         else:
             length = int(struct.unpack_from("<H", body, position + 6)[0])
             position += 8
         values[(group << 16) | element] = body[position:position + length]
+        if vrs is not None:
+            vrs[(group << 16) | element] = vr
         position += length
     if position != len(body):
         raise InvalidDicomError("the file meta group length does not match its elements")
@@ -138,7 +150,23 @@ def read_instance_info(path: Path) -> InstanceInfo:
 
     Raises InvalidDicomError for anything that is not a usable Part 10 instance and
     UnsafeUIDError when a Study, Series or SOP Instance UID could not safely name a file.
+    The common case takes the element walker of `pacscli.dicom.header`; anything else
+    (and every error) comes from pydicom's reader, so both give the same answer.
     """
+    info = _fast_instance_info(path)
+    return info if info is not None else _pydicom_instance_info(path)
+
+
+def read_received_info(dataset: bytes | bytearray | Path, transfer_syntax: str) -> InstanceInfo:
+    """Read the identity of a dataset received over the network: its bytes, or a raw
+    dataset file (no preamble or file meta) in `transfer_syntax`. Raises as
+    `read_instance_info` does, and takes the same fast path when it can."""
+    info = _fast_received_info(dataset, transfer_syntax)
+    return info if info is not None else _pydicom_received_info(dataset, transfer_syntax)
+
+
+def _pydicom_instance_info(path: Path) -> InstanceInfo:
+    """`read_instance_info` with pydicom's reader: for everything out of the common case."""
     try:
         with open(path, "rb") as fp:
             meta, offset = read_file_meta(fp)
@@ -152,41 +180,52 @@ def read_instance_info(path: Path) -> InstanceInfo:
         raise
     except Exception as exc:
         raise InvalidDicomError(f"unreadable DICOM dataset: {exc}") from exc
-    return _instance_info(ds, transfer_syntax, offset, meta)
+    attributes, charset = _dataset_attributes(ds)
+    source = meta.get("SourceApplicationEntityTitle")
+    return _build_info(attributes, charset, transfer_syntax, offset,
+                       meta_sop_class=clean_uid(meta.get("MediaStorageSOPClassUID")),
+                       meta_sop_uid=clean_uid(meta.get("MediaStorageSOPInstanceUID")) or None,
+                       source_aet=str(source).strip() if source else None)
 
 
-def read_received_info(dataset: bytes | Path, transfer_syntax: str) -> InstanceInfo:
-    """Read the identity of a dataset received over the network: its bytes, or a raw
-    dataset file (no preamble or file meta) in `transfer_syntax`."""
+def _pydicom_received_info(dataset: bytes | bytearray | Path, transfer_syntax: str) -> InstanceInfo:
+    """`read_received_info` with pydicom's reader: for everything out of the common case."""
     try:
-        with BytesIO(dataset) if isinstance(dataset, bytes) else open(dataset, "rb") as fp:
+        with BytesIO(dataset) if isinstance(dataset, bytes | bytearray) else open(dataset, "rb") as fp:
             ds = read_header(fp, transfer_syntax, part10=False)
     except OSError as exc:
         raise InvalidDicomError(f"cannot read the received dataset: {exc.strerror or exc}") from exc
     except Exception as exc:
         raise InvalidDicomError(f"unreadable DICOM dataset: {exc}") from exc
-    return _instance_info(ds, transfer_syntax, 0, None)
+    attributes, charset = _dataset_attributes(ds)
+    return _build_info(attributes, charset, transfer_syntax, 0, meta_sop_class="", meta_sop_uid=None,
+                       source_aet=None)
 
 
-def _instance_info(ds: pydicom.Dataset, transfer_syntax: str, offset: int,
-                   meta: pydicom.dataset.FileMetaDataset | None) -> InstanceInfo:
-    """The InstanceInfo of a parsed header; checks the UIDs that will name files."""
+def _dataset_attributes(ds: pydicom.Dataset) -> tuple[dict[str, str | None], str | None]:
+    """The indexed attributes and Specific Character Set of a header pydicom parsed."""
     try:
         attributes = {kw: _text(ds[tag].value) if tag in ds else None
                       for kw, tag in _KEYWORD_TAGS}
         charset = _text(ds["SpecificCharacterSet"].value) if "SpecificCharacterSet" in ds else None
     except Exception as exc:  # a value that does not decode under its VR
         raise InvalidDicomError(f"unreadable attribute value: {exc}") from exc
+    return attributes, charset
+
+
+def _build_info(attributes: dict[str, str | None], charset: str | None, transfer_syntax: str,
+                offset: int, *, meta_sop_class: str, meta_sop_uid: str | None,
+                source_aet: str | None) -> InstanceInfo:
+    """The InstanceInfo of an instance's attribute strings; checks the UIDs that will name
+    files. meta_sop_class is the file meta's SOP Class UID, cleaned ("" when absent)."""
     study_uid = require_safe_uid(attributes["StudyInstanceUID"], "StudyInstanceUID")
     series_uid = require_safe_uid(attributes["SeriesInstanceUID"], "SeriesInstanceUID")
     sop_uid = require_safe_uid(attributes["SOPInstanceUID"], "SOPInstanceUID")
     attributes.update(StudyInstanceUID=study_uid, SeriesInstanceUID=series_uid, SOPInstanceUID=sop_uid)
-    meta = meta if meta is not None else pydicom.dataset.FileMetaDataset()
-    sop_class = clean_uid(attributes["SOPClassUID"] or meta.get("MediaStorageSOPClassUID"))
+    sop_class = clean_uid(attributes["SOPClassUID"] or meta_sop_class)
     if not sop_class:
         raise InvalidDicomError("the instance has no SOP Class UID")
     attributes["SOPClassUID"] = sop_class
-    source = meta.get("SourceApplicationEntityTitle")
     return InstanceInfo(
         study_uid=study_uid,
         series_uid=series_uid,
@@ -196,6 +235,219 @@ def _instance_info(ds: pydicom.Dataset, transfer_syntax: str, offset: int,
         dataset_offset=offset,
         specific_character_set=charset,
         attributes=attributes,
-        meta_sop_uid=clean_uid(meta.get("MediaStorageSOPInstanceUID")) or None,
-        source_aet=str(source).strip() if source else None,
+        meta_sop_uid=meta_sop_uid,
+        source_aet=source_aet,
     )
+
+
+# The fast path: the element walker of pacscli.dicom.header plus the conversions below,
+# which give exactly `_text(ds[tag].value)` for plain ASCII values under pydicom's default
+# settings. Whatever they do not cover raises Unusual and takes the pydicom path above.
+
+_HEAD = 64 * 1024  # read first from a file: most headers are a few KiB
+_MAX_HEAD = 16 * 1024 * 1024  # a longer header (huge private blobs) is left to pydicom
+_WANTED = frozenset(int(tag) for tag in _READ_TAGS)
+_CHARSET_TAG = 0x00080005
+_TAG_VRS = {int(tag): str(dictionary_VR(tag)) for tag in _READ_TAGS}
+_TAG_VR_BYTES = {tag: vr.encode("ascii") for tag, vr in _TAG_VRS.items()}
+_META_TS, _META_SOP_CLASS, _META_SOP_UID, _META_SOURCE = 0x00020010, 0x00020002, 0x00020003, 0x00020016
+
+
+def _fast_syntaxes() -> dict[str, bool]:
+    """Little endian, not deflated transfer syntaxes pydicom knows, and whether each is
+    implicit VR, by pydicom's own flags (read_header uses the same)."""
+    syntaxes = {}
+    for uid, (name, kind, *_) in pydicom.uid.UID_dictionary.items():
+        if kind == "Transfer Syntax" and "Deflate" not in name:
+            syntax = pydicom.uid.UID(uid)
+            if syntax.is_little_endian and not syntax.is_deflated:
+                syntaxes[str(uid)] = bool(syntax.is_implicit_VR)
+    return syntaxes
+
+
+_FAST_SYNTAXES = _fast_syntaxes()
+_IS_NUMBER = re.compile(r" *[+-]?[0-9]{1,12} *")  # what IS() takes as an int, kept as written
+
+
+def _pydicom_defaults() -> bool:
+    """The conversions below are pydicom's under its default settings only."""
+    return (not pydicom_config.datetime_conversion and not pydicom_config.use_IS_numpy
+            and pydicom_config.settings.reading_validation_mode != pydicom_config.RAISE)
+
+
+def _dictionary_vr(tag: int) -> str | None:
+    try:
+        return str(dictionary_VR(tag))
+    except KeyError:
+        return None
+
+
+def _collect(fp: BinaryIO, data: bytes, start: int, implicit: bool) -> dict[int, tuple[bytes, bytes]]:
+    """Walk the header at data[start:], data being the first bytes of fp (a read of
+    _HEAD bytes, fp left after them); read on when the header is longer."""
+    complete = len(data) < _HEAD
+    while True:
+        try:
+            return collect_top_level(data, start, implicit, _WANTED, complete=complete,
+                                     vr_of=_dictionary_vr)
+        except NeedMore as more:
+            want = max(more.end, 2 * len(data))
+            if want > _MAX_HEAD:
+                raise Unusual("the header is too long for the fast path") from None
+            extra = fp.read(want - len(data))
+            complete = len(extra) < want - len(data)
+            data += extra
+
+
+def _fast_instance_info(path: Path) -> InstanceInfo | None:
+    """read_instance_info's common case, or None for the pydicom path."""
+    if not _pydicom_defaults():
+        return None
+    try:
+        with open(path, "rb") as fp:
+            data = fp.read(_HEAD)
+            if len(data) < 144 or data[128:132] != b"DICM" or data[132:140] != _GROUP_LENGTH:
+                return None  # no group length first: pydicom reads such a meta
+            vrs: dict[int, bytes] = {}
+            meta, offset = read_meta_values(BytesIO(data), vrs)
+            # pydicom reads the meta up to the first tag outside group 0002 and checks VRs
+            # on the way; the group length must agree with that (the walker refuses a group
+            # 0002 element at the dataset start).
+            if any(tag >> 16 != 2 for tag in meta) or not all(vr in KNOWN_VRS for vr in vrs.values()):
+                return None
+            transfer_syntax = clean_uid(_meta_text(meta, vrs, _META_TS, b"UI"))
+            implicit = _FAST_SYNTAXES.get(transfer_syntax)
+            if implicit is None:
+                return None
+            raw = _collect(fp, data, offset, implicit)
+        attributes, charset = _raw_attributes(raw, implicit)
+        meta_sop_class = clean_uid(_meta_text(meta, vrs, _META_SOP_CLASS, b"UI"))
+        meta_sop_uid = clean_uid(_meta_text(meta, vrs, _META_SOP_UID, b"UI")) or None
+        source = _meta_text(meta, vrs, _META_SOURCE, b"AE")
+    except Exception:  # Unusual, unreadable, malformed: pydicom's reader gives today's answer
+        return None
+    return _build_info(attributes, charset, transfer_syntax, offset, meta_sop_class=meta_sop_class,
+                       meta_sop_uid=meta_sop_uid, source_aet=source.strip() if source else None)
+
+
+def _fast_received_info(dataset: bytes | bytearray | Path, transfer_syntax: str) -> InstanceInfo | None:
+    """read_received_info's common case, or None for the pydicom path."""
+    implicit = _FAST_SYNTAXES.get(transfer_syntax)
+    if implicit is None or not _pydicom_defaults():
+        return None
+    try:
+        if isinstance(dataset, bytes | bytearray):
+            raw = collect_top_level(dataset, 0, implicit, _WANTED, complete=True, vr_of=_dictionary_vr)
+        else:
+            with open(dataset, "rb") as fp:
+                raw = _collect(fp, fp.read(_HEAD), 0, implicit)
+        attributes, charset = _raw_attributes(raw, implicit)
+    except Exception:  # Unusual, unreadable, malformed: pydicom's reader gives today's answer
+        return None
+    return _build_info(attributes, charset, transfer_syntax, 0, meta_sop_class="", meta_sop_uid=None,
+                       source_aet=None)
+
+
+def _meta_text(meta: dict[int, bytes], vrs: dict[int, bytes], tag: int, vr: bytes) -> str | None:
+    """A UI or AE file meta value as pydicom gives it (None when absent): a UID without
+    trailing NULs and spaces, then stripped by UID(); an AE title stripped."""
+    raw = meta.get(tag)
+    if raw is None:
+        return None
+    if vrs.get(tag) != vr or not raw.isascii() or b"\\" in raw:
+        raise Unusual("an unusual file meta value")
+    text = raw.decode("ascii")
+    return text.rstrip(" \x00").strip() if vr == b"UI" else text.strip()
+
+
+def _raw_attributes(raw: dict[int, tuple[bytes, bytes]],
+                    implicit: bool) -> tuple[dict[str, str | None], str | None]:
+    """`_dataset_attributes` from the walker's raw values; raises Unusual when unsure."""
+    if not implicit:
+        for tag, (vr, value) in raw.items():
+            # pydicom converts by the VR as written, except that it reads a short UN value
+            # of a known tag by its dictionary VR (as in implicit VR)
+            if vr != _TAG_VR_BYTES[tag] and not (vr == b"UN" and len(value) < 0xFFFF
+                                                 and pydicom_config.replace_un_with_known_vr):
+                raise Unusual("an indexed attribute with an unexpected VR")
+    charset_value = raw.get(_CHARSET_TAG, (b"", b""))[1]
+    charset = _string_text(_ascii(charset_value)) if charset_value else None
+    # Plain ASCII decodes alike in every character set pydicom knows (tested); an unknown
+    # term makes pydicom guess and warn.
+    if charset is not None and not all(term in python_encoding for term in charset.split("\\")):
+        raise Unusual("an unknown Specific Character Set term")
+    attributes: dict[str, str | None] = dict.fromkeys(_KEYWORDS)
+    for tag, (_, value) in raw.items():
+        if value and tag != _CHARSET_TAG:  # an empty value is pydicom's "" or None: None
+            keyword, convert = _CONVERTERS[tag]
+            attributes[keyword] = convert(_ascii(value))
+    return attributes, charset
+
+
+# `_text(ds[tag].value)` for a non-empty ASCII value, by VR, as pydicom's converters
+# (pydicom.values) and value classes give it.
+
+def _ascii(value: bytes) -> str:
+    if not value.isascii() or b"\x1b" in value:
+        raise Unusual("a value needing its character set")  # ESC switches ISO 2022 sets
+    return value.decode("ascii")
+
+
+def _uid_text(text: str) -> str | None:
+    """convert_UI: the whole value loses trailing NULs and spaces, then UID() strips each
+    value's whitespace."""
+    values = [part.strip() for part in text.rstrip(" \x00").split("\\")]
+    return "\\".join(values) if len(values) > 1 or values[0] else None
+
+
+def _string_text(text: str) -> str | None:
+    """multi_string (CS, DA, TM): the whole value loses trailing spaces and NULs; values
+    keep theirs."""
+    return text.rstrip(" \x00") or None
+
+
+def _long_string_text(text: str) -> str | None:
+    """convert_text (LO, SH): each value loses its trailing spaces and NULs."""
+    values = [part.rstrip("\x00 ") for part in text.split("\\")]
+    return "\\".join(values) if len(values) > 1 or values[0] else None
+
+
+def _person_name_text(text: str) -> str | None:
+    """convert_PN: the whole value loses trailing NULs and spaces, then each PersonName
+    drops empty trailing component groups ("A^B==" is "A^B")."""
+    values = [_person_name(part) for part in text.rstrip("\x00 ").split("\\")]
+    return "\\".join(values) if len(values) > 1 or values[0] else None
+
+
+def _person_name(value: str) -> str:
+    groups = value.split("=")
+    while groups and not groups[-1]:
+        groups.pop()
+    return "=".join(groups)
+
+
+def _integer_string_text(text: str) -> str | None:
+    """multi_string(IS): str(IS(" 12 ")) is "12", "007" stays "007", a blank value stays as
+    written; anything else (floats, signs alone) is left to pydicom."""
+    text = text.rstrip(" \x00")
+    if not text:
+        return None
+    values = text.split("\\")
+    for index, part in enumerate(values):
+        if part.strip():  # IS() returns a blank value as it is
+            if not _IS_NUMBER.fullmatch(part):
+                raise Unusual("an IS value that is not a plain integer")
+            values[index] = part.strip()
+    return "\\".join(values)
+
+
+def _no_conversion(text: str) -> str | None:
+    raise Unusual("no fast conversion for this VR")
+
+
+_BY_VR: dict[str, Callable[[str], str | None]] = {
+    "UI": _uid_text, "CS": _string_text, "DA": _string_text, "TM": _string_text,
+    "LO": _long_string_text, "SH": _long_string_text, "PN": _person_name_text, "IS": _integer_string_text,
+}
+_KEYWORDS = [kw for kw, _ in _KEYWORD_TAGS]
+_CONVERTERS = {int(tag): (kw, _BY_VR.get(_TAG_VRS[int(tag)], _no_conversion)) for kw, tag in _KEYWORD_TAGS}
