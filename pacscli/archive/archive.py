@@ -156,7 +156,7 @@ class Archive:
         header = self._file_meta_bytes(info, source_aet) if rewrite_meta else None
         return self._put(info, source, header, source_aet if rewrite_meta else info.source_aet)
 
-    def put_received(self, dataset: bytes | Path, *, transfer_syntax: str,
+    def put_received(self, dataset: bytes | bytearray | Path, *, transfer_syntax: str,
                      source_aet: str | None) -> PutResult:
         """Put a dataset received over the network (its bytes, or a raw dataset file without
         file meta) into the archive, under our own file meta naming the sending AE.

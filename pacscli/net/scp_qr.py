@@ -85,7 +85,7 @@ def _identifier(context: Context, dataset: ReceivedDataset | None) -> Dataset:
     if dataset is None:
         raise PacsError("the request has no identifier")
     content = dataset.content()
-    data = content if isinstance(content, bytes) else Path(content).read_bytes()
+    data = content.read_bytes() if isinstance(content, Path) else bytes(content)
     try:
         return decode_identifier(data, context.transfer_syntax)
     except Exception as exc:

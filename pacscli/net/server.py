@@ -123,9 +123,10 @@ class ReceivedDataset:
             except OSError as exc:
                 self.error = self.error or exc
 
-    def content(self) -> bytes | Path:
-        """The dataset: its bytes, or the path of its raw dataset file."""
-        return self.path if self.path is not None else bytes(self._buffer)
+    def content(self) -> bytearray | Path:
+        """The dataset: its bytes (not copied: not to be changed), or the path of its raw
+        dataset file."""
+        return self.path if self.path is not None else self._buffer
 
     def discard(self) -> None:
         """Remove the spill file, if any."""
