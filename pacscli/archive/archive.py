@@ -30,6 +30,7 @@ from pacscli.archive import layout
 from pacscli.archive.index import Index, InstanceRow, StoredFile
 from pacscli.archive.staging import StagingFolder
 from pacscli.config import StorageSettings
+from pacscli.dicom.header import BytesLike
 from pacscli.dicom.identity import InstanceInfo, read_instance_info, read_received_info, seek_dataset
 from pacscli.dicom.part10 import part10_header
 from pacscli.errors import ArchiveError, InvalidDicomError, OutOfResourcesError
@@ -137,6 +138,11 @@ class Archive:
             except PermissionError:
                 pass  # alive, someone else's
 
+    def prepare_staging(self) -> None:
+        """Create the staging file of a coming put now, while the caller would wait anyway
+        (`pacs serve`: after answering a C-STORE, while the next instance arrives)."""
+        self._staging_folder.prepare()
+
     def abspath(self, relpath: str) -> Path:
         """The absolute path of an indexed file (paths of in-place files are absolute)."""
         return self.root / relpath
@@ -156,7 +162,7 @@ class Archive:
         header = self._file_meta_bytes(info, source_aet) if rewrite_meta else None
         return self._put(info, source, header, source_aet if rewrite_meta else info.source_aet)
 
-    def put_received(self, dataset: bytes | bytearray | Path, *, transfer_syntax: str,
+    def put_received(self, dataset: BytesLike | Path, *, transfer_syntax: str,
                      source_aet: str | None) -> PutResult:
         """Put a dataset received over the network (its bytes, or a raw dataset file without
         file meta) into the archive, under our own file meta naming the sending AE.
@@ -166,7 +172,7 @@ class Archive:
         info = read_received_info(dataset, transfer_syntax)
         return self._put(info, dataset, self._file_meta_bytes(info, source_aet), source_aet)
 
-    def _put(self, info: InstanceInfo, source: bytes | bytearray | Path, header: bytes | None,
+    def _put(self, info: InstanceInfo, source: BytesLike | Path, header: bytes | None,
              source_aet: str | None) -> PutResult:
         """Stage, settle duplicates and conflicts, place and index one instance."""
         relpath = layout.instance_relpath(info.study_uid, info.series_uid, info.sop_uid)
@@ -231,7 +237,7 @@ class Archive:
             finally:
                 fcntl.flock(fd, fcntl.LOCK_UN)
 
-    def _settled(self, info: InstanceInfo, existing: InstanceRow, source: bytes | bytearray | Path,
+    def _settled(self, info: InstanceInfo, existing: InstanceRow, source: BytesLike | Path,
                  source_offset: int) -> tuple[InstanceRow | None, PutResult | None]:
         """`existing` (the indexed instance with the same SOP Instance UID), and the result
         when it settles the matter: its file holds the dataset of `source` (bytes, or a file
@@ -294,7 +300,7 @@ class Archive:
                 self._set_aside(self.abspath(existing.path), info.sop_uid, move=True)
         return PutResult(info, source, outcome, hashes.size, hashes.sha256)
 
-    def _stage(self, source: bytes | bytearray | Path, info: InstanceInfo,
+    def _stage(self, source: BytesLike | Path, info: InstanceInfo,
                header: bytes | None) -> _Staged:
         """Write the archive file's bytes to a new staging file, left open and unsynced.
 
@@ -309,7 +315,7 @@ class Archive:
             raise _resource_error(exc, f"cannot write {info.sop_uid} to the archive") from exc
         staged = _Staged(path, fd)
         try:
-            if isinstance(source, bytes | bytearray):
+            if isinstance(source, BytesLike):
                 staged.sha256 = self._hash_later([header or b"", source])
                 staged.write(header or b"")
                 staged.write(source)
@@ -331,7 +337,7 @@ class Archive:
             raise _resource_error(exc, f"cannot write {info.sop_uid} to the archive") from exc
         return staged
 
-    def _hash_later(self, parts: Sequence[bytes | bytearray]) -> Callable[[], str]:
+    def _hash_later(self, parts: Sequence[BytesLike]) -> Callable[[], str]:
         """Start hashing the file made of `parts`; return what waits for its sha256."""
         if sum(len(part) for part in parts) < _HASH_IN_THREAD:
             digest = _sha256(parts)
@@ -408,7 +414,7 @@ class _Staged:
         self.size = 0
         self.sha256: Callable[[], str] = lambda: ""
 
-    def write(self, data: bytes | bytearray) -> None:
+    def write(self, data: BytesLike) -> None:
         """Append all of `data` (os.write may take less than asked)."""
         assert self.fd is not None
         view = memoryview(data)
@@ -424,25 +430,27 @@ class _Staged:
             os.close(fd)
 
     def discard(self) -> None:
-        """Close and remove the staged file, if it is still in staging."""
+        """Close and remove the staged file, if it is still in staging, and wait for the
+        hash: it may be reading a buffer the caller reuses once the put returns."""
         self.close()
         self.path.unlink(missing_ok=True)
+        self.sha256()
 
 
-def _sha256(parts: Sequence[bytes | bytearray]) -> str:
+def _sha256(parts: Sequence[BytesLike]) -> str:
     digest = hashlib.sha256()
     for part in parts:
         digest.update(part)
     return digest.hexdigest()
 
 
-def _same_dataset(archived: Path, source: bytes | bytearray | Path, source_offset: int) -> bool:
+def _same_dataset(archived: Path, source: BytesLike | Path, source_offset: int) -> bool:
     """True when the archive file `archived` holds the dataset of `source` (bytes, or a file
     from `source_offset`) byte for byte; False too when it cannot be read."""
     try:
         with open(archived, "rb") as old:
             seek_dataset(old)
-            if isinstance(source, bytes | bytearray):
+            if isinstance(source, BytesLike):
                 view, position = memoryview(source), 0
                 while chunk := old.read(_CHUNK):
                     if view[position:position + len(chunk)] != chunk:

@@ -54,9 +54,9 @@ def handle_echo(assoc: Association, context: Context, command: Command,
         Status=STATUS_SUCCESS))
 
 
-def store_received(archive: Archive, emit: RecordSink, assoc: Association, context: Context,
-                   command: Command, dataset: ReceivedDataset | None) -> int:
-    """Put a received C-STORE dataset into the archive; emit its record; return the status.
+def store_received(archive: Archive, assoc: Association, context: Context, command: Command,
+                   dataset: ReceivedDataset | None) -> tuple[int, Record]:
+    """Put a received C-STORE dataset into the archive; return the status and the record.
 
     Success is answered only once the file is in place and indexed; a disk full or I/O
     error is 0xA700 with nothing half-written; a dataset we cannot use, 0xC000.
@@ -72,18 +72,14 @@ def store_received(archive: Archive, emit: RecordSink, assoc: Association, conte
                                       source_aet=assoc.calling_aet)
     except OutOfResourcesError as exc:
         log.error("out of resources storing %s: %s", base["SOPInstanceUID"], exc.message)
-        emit(failed(exc, **base, dimse_status=STATUS_OUT_OF_RESOURCES))
-        return STATUS_OUT_OF_RESOURCES
+        return STATUS_OUT_OF_RESOURCES, failed(exc, **base, dimse_status=STATUS_OUT_OF_RESOURCES)
     except InvalidDicomError as exc:
         log.warning("refused %s from %s: %s", base["SOPInstanceUID"], assoc, exc.message)
-        emit(failed(exc, **base, dimse_status=STATUS_CANNOT_UNDERSTAND))
-        return STATUS_CANNOT_UNDERSTAND
+        return STATUS_CANNOT_UNDERSTAND, failed(exc, **base, dimse_status=STATUS_CANNOT_UNDERSTAND)
     except PacsError as exc:
         log.error("cannot store %s: %s", base["SOPInstanceUID"], exc.message)
-        emit(failed(exc, **base, dimse_status=STATUS_OUT_OF_RESOURCES))
-        return STATUS_OUT_OF_RESOURCES
-    emit({**result.record(), "remote": base["remote"], "dimse_status": STATUS_SUCCESS})
-    return STATUS_SUCCESS
+        return STATUS_OUT_OF_RESOURCES, failed(exc, **base, dimse_status=STATUS_OUT_OF_RESOURCES)
+    return STATUS_SUCCESS, {**result.record(), "remote": base["remote"], "dimse_status": STATUS_SUCCESS}
 
 
 def handle_store(archive: Archive, emit: RecordSink) -> Service:
@@ -91,11 +87,15 @@ def handle_store(archive: Archive, emit: RecordSink) -> Service:
 
     def service(assoc: Association, context: Context, command: Command,
                 dataset: ReceivedDataset | None) -> None:
-        status = store_received(archive, emit, assoc, context, command, dataset)
+        status, record = store_received(archive, assoc, context, command, dataset)
         assoc.send_message(context.id, encode_command(
             CommandField=C_STORE_RSP, AffectedSOPClassUID=command.get("AffectedSOPClassUID"),
             MessageIDBeingRespondedTo=command.message_id, CommandDataSetType=NO_DATASET,
             Status=status, AffectedSOPInstanceUID=command.get("AffectedSOPInstanceUID")))
+        # What the answer need not wait for, done while the sender sends the next instance.
+        emit(record)
+        if status == STATUS_SUCCESS:
+            archive.prepare_staging()  # for the next instance, in place of the file just used
 
     return service
 

@@ -1,4 +1,4 @@
-"""The staging folder: new files made ahead in the background, nothing left behind."""
+"""The staging folder: new files, made ahead when a caller has time, nothing left behind."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from pacscli.archive.staging import StagingFolder
+from pacscli.archive.staging import BATCH, StagingFolder
 
 
 def _open_fds() -> int:
@@ -19,15 +19,33 @@ def test_new_files_are_empty_distinct_and_removed_with_the_folder(tmp_path: Path
     before = _open_fds()
     folder = StagingFolder(tmp_path / "staging" / "123")
     made = [folder.new_file() for _ in range(20)]
-    paths = [path for _, path in made]
-    assert len(set(paths)) == 20
+    assert len({path for _, path in made}) == 20
     for fd, path in made:
         assert path.parent == folder.folder and path.stat().st_size == 0
         os.write(fd, b"x")
         os.close(fd)
+    for _ in range(3):
+        folder.prepare()
+    assert len(list(folder.folder.iterdir())) == 20 + BATCH  # one batch while files are ready
     folder.close()
     assert not folder.folder.exists()
     assert _open_fds() == before  # the files made ahead were closed too
+
+
+def test_prepared_files_are_the_next_ones_handed_out(tmp_path: Path) -> None:
+    folder = StagingFolder(tmp_path / "staging" / "5")
+    folder.prepare()
+    prepared = set(folder.folder.iterdir())
+    handed = set()
+    for _ in range(BATCH):
+        fd, path = folder.new_file()
+        os.close(fd)
+        handed.add(path)
+    assert handed == prepared and len(prepared) == BATCH
+    fd, path = folder.new_file()  # the batch used up: made on the spot
+    os.close(fd)
+    assert path not in prepared
+    folder.close()
 
 
 def test_a_file_left_by_an_earlier_process_is_never_reused(tmp_path: Path) -> None:
@@ -43,22 +61,16 @@ def test_a_file_left_by_an_earlier_process_is_never_reused(tmp_path: Path) -> No
     folder.close()
 
 
-def test_files_are_made_again_once_the_folder_is_writable_again(tmp_path: Path) -> None:
-    """When creating ahead fails (here the folder vanished, as on a full or broken disk),
-    new_file raises the error at the caller, who reports it; once the folder can be
-    written again, new files come again."""
+def test_a_failed_prepare_leaves_the_error_to_the_put(tmp_path: Path) -> None:
+    """Preparing ahead never raises (here the folder vanished, as on a broken disk); the put
+    that needs a file gets the error and reports it; once the folder is back, files come."""
     folder = StagingFolder(tmp_path / "staging" / "9")
-    fd, _ = folder.new_file()
-    os.close(fd)
-    while folder.folder.exists():  # the filler may add a file while it goes
-        shutil.rmtree(folder.folder, ignore_errors=True)
+    shutil.rmtree(folder.folder)
+    folder.prepare()
     with pytest.raises(FileNotFoundError):
-        for _ in range(10):  # files already made ahead come first; then the error
-            fd, _ = folder.new_file()
-            os.close(fd)
+        folder.new_file()
     folder.folder.mkdir(parents=True)
-    again = [folder.new_file() for _ in range(6)]  # a file made before the loss may still come
-    for fd, _ in again:
-        os.close(fd)
-    assert again[-1][1].exists()
+    fd, path = folder.new_file()
+    os.close(fd)
+    assert path.exists()
     folder.close()
