@@ -47,6 +47,9 @@ class NeedMore(Exception):
         self.end = end
 
 
+# Dataset bytes however they are held: received datasets are views of a reused buffer.
+BytesLike = bytes | bytearray | memoryview
+
 # The dictionary VR of a tag ("SQ", "OB", ...) or None when unknown (private, unlisted).
 VrLookup = Callable[[int], str | None]
 
@@ -54,7 +57,7 @@ VrLookup = Callable[[int], str | None]
 class _Walk:
     """State shared by the nested steps of one walk."""
 
-    def __init__(self, data: bytes | bytearray, implicit: bool, complete: bool, vr_of: VrLookup) -> None:
+    def __init__(self, data: BytesLike, implicit: bool, complete: bool, vr_of: VrLookup) -> None:
         self.data = data
         self.implicit = implicit
         self.complete = complete
@@ -145,7 +148,7 @@ class _Walk:
             pos = value + length if length != _UNDEFINED else self.undefined_length(tag, vr, value, depth)
 
 
-def collect_top_level(data: bytes | bytearray, start: int, implicit: bool, wanted: frozenset[int], *,
+def collect_top_level(data: BytesLike, start: int, implicit: bool, wanted: frozenset[int], *,
                       complete: bool, vr_of: VrLookup) -> dict[int, tuple[bytes, bytes]]:
     """The raw values of the `wanted` top-level elements of the dataset at data[start:].
 

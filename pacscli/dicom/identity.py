@@ -28,7 +28,7 @@ from pydicom.filereader import _read_file_meta_info, read_dataset, read_preamble
 
 from pacscli.dicom.attributes import INDEXED_ATTRIBUTES as INDEXED_ATTRIBUTES
 from pacscli.dicom.attributes import InstanceInfo as InstanceInfo
-from pacscli.dicom.header import KNOWN_VRS, LONG_VRS, NeedMore, Unusual, collect_top_level
+from pacscli.dicom.header import KNOWN_VRS, LONG_VRS, BytesLike, NeedMore, Unusual, collect_top_level
 from pacscli.dicom.uids import clean_uid, require_safe_uid
 from pacscli.errors import InvalidDicomError
 
@@ -157,7 +157,7 @@ def read_instance_info(path: Path) -> InstanceInfo:
     return info if info is not None else _pydicom_instance_info(path)
 
 
-def read_received_info(dataset: bytes | bytearray | Path, transfer_syntax: str) -> InstanceInfo:
+def read_received_info(dataset: BytesLike | Path, transfer_syntax: str) -> InstanceInfo:
     """Read the identity of a dataset received over the network: its bytes, or a raw
     dataset file (no preamble or file meta) in `transfer_syntax`. Raises as
     `read_instance_info` does, and takes the same fast path when it can."""
@@ -188,10 +188,10 @@ def _pydicom_instance_info(path: Path) -> InstanceInfo:
                        source_aet=str(source).strip() if source else None)
 
 
-def _pydicom_received_info(dataset: bytes | bytearray | Path, transfer_syntax: str) -> InstanceInfo:
+def _pydicom_received_info(dataset: BytesLike | Path, transfer_syntax: str) -> InstanceInfo:
     """`read_received_info` with pydicom's reader: for everything out of the common case."""
     try:
-        with BytesIO(dataset) if isinstance(dataset, bytes | bytearray) else open(dataset, "rb") as fp:
+        with BytesIO(dataset) if isinstance(dataset, BytesLike) else open(dataset, "rb") as fp:
             ds = read_header(fp, transfer_syntax, part10=False)
     except OSError as exc:
         raise InvalidDicomError(f"cannot read the received dataset: {exc.strerror or exc}") from exc
@@ -330,13 +330,13 @@ def _fast_instance_info(path: Path) -> InstanceInfo | None:
                        meta_sop_uid=meta_sop_uid, source_aet=source.strip() if source else None)
 
 
-def _fast_received_info(dataset: bytes | bytearray | Path, transfer_syntax: str) -> InstanceInfo | None:
+def _fast_received_info(dataset: BytesLike | Path, transfer_syntax: str) -> InstanceInfo | None:
     """read_received_info's common case, or None for the pydicom path."""
     implicit = _FAST_SYNTAXES.get(transfer_syntax)
     if implicit is None or not _pydicom_defaults():
         return None
     try:
-        if isinstance(dataset, bytes | bytearray):
+        if isinstance(dataset, BytesLike):
             raw = collect_top_level(dataset, 0, implicit, _WANTED, complete=True, vr_of=_dictionary_vr)
         else:
             with open(dataset, "rb") as fp:

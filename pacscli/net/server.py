@@ -86,34 +86,67 @@ class ServerConfig:
 
 
 class ReceivedDataset:
-    """A received dataset: bytes in memory, or a raw dataset file in staging when large."""
+    """A received dataset: bytes in memory, or a raw dataset file in staging when large.
 
-    def __init__(self, staging: Path) -> None:
+    In memory, the dataset lives in a buffer its association reuses from one message to
+    the next: a fresh 512 KiB buffer per instance cost ~0.3 ms of page faults here.
+    """
+
+    def __init__(self, staging: Path, buffer: bytearray) -> None:
         self._staging = staging
-        self._buffer = bytearray()
+        self.buffer = buffer  # the association takes it back, grown, for the next message
         self._file: BinaryIO | None = None
         self.path: Path | None = None
         self.error: OSError | None = None  # a write error while spilling (disk full)
         self.size = 0
 
-    def write(self, data: memoryview) -> None:
-        """Append one fragment."""
-        self.size += len(data)
+    def receive(self, read_into: Callable[[memoryview], None], length: int) -> None:
+        """Append one fragment of `length` bytes, read by `read_into` (which fills the
+        view it is given) straight into the buffer, or through it into the spill file."""
+        if self._file is None and self.size + length > SPILL_THRESHOLD:
+            self._spill()
+        if self._file is None:
+            self._reserve(self.size + length)
+            read_into(memoryview(self.buffer)[self.size:self.size + length])
+        else:
+            self._reserve(min(length, 1024 * 1024))
+            view = memoryview(self.buffer)
+            left = length
+            while left:
+                piece = view[:min(left, len(view))]
+                read_into(piece)  # read whatever happens to the spill file: the stream goes on
+                left -= len(piece)
+                self._write(piece)
+        self.size += length
+
+    def _reserve(self, capacity: int) -> None:
+        if capacity > len(self.buffer):
+            grown = bytearray(max(capacity, 2 * len(self.buffer)))
+            grown[:self.size] = memoryview(self.buffer)[:self.size]
+            self.buffer = grown
+
+    def _spill(self) -> None:
+        try:
+            fd, name = tempfile.mkstemp(suffix=".raw", dir=self._staging)
+            self._file, self.path = os.fdopen(fd, "wb"), Path(name)
+        except OSError as exc:
+            self._failed(exc)
+            self._file = open(os.devnull, "wb")  # noqa: SIM115 - drain what the peer still sends
+            return
+        self._write(memoryview(self.buffer)[:self.size])
+
+    def _write(self, data: memoryview) -> None:
         if self.error is not None:
             return
+        assert self._file is not None
         try:
-            if self._file is None and len(self._buffer) + len(data) > SPILL_THRESHOLD:
-                fd, name = tempfile.mkstemp(suffix=".raw", dir=self._staging)
-                self._file, self.path = os.fdopen(fd, "wb"), Path(name)
-                self._file.write(self._buffer)
-                self._buffer = bytearray()
-            if self._file is not None:
-                self._file.write(data)
-            else:
-                self._buffer += data
+            self._file.write(data)
         except OSError as exc:
-            log.error("cannot write a received dataset to staging: %s", exc)
-            self.error = exc
+            self._failed(exc)
+
+    def _failed(self, exc: OSError) -> None:
+        log.error("cannot write a received dataset to staging: %s", exc)
+        self.error = exc
 
     def finish(self) -> None:
         """Close the spill file, keeping a late write error."""
@@ -123,10 +156,10 @@ class ReceivedDataset:
             except OSError as exc:
                 self.error = self.error or exc
 
-    def content(self) -> bytearray | Path:
-        """The dataset: its bytes (not copied: not to be changed), or the path of its raw
-        dataset file."""
-        return self.path if self.path is not None else self._buffer
+    def content(self) -> memoryview | Path:
+        """The dataset: a view of its bytes (valid until the association's next message),
+        or the path of its raw dataset file."""
+        return self.path if self.path is not None else memoryview(self.buffer)[:self.size]
 
     def discard(self) -> None:
         """Remove the spill file, if any."""
@@ -154,22 +187,32 @@ class Association:
         self._send_lock = threading.Lock()
         self._message_id = 0
         self.cancelled: set[int] = set()  # message IDs the peer sent C-CANCEL for
+        self._dataset_buffer = bytearray()  # reused by each received dataset in turn
+        self._pdu_left = 0  # bytes of the current P-DATA PDU not read yet (PDVs of a next message)
 
     # -- framing ---------------------------------------------------------------------------
 
     def _recv_exact(self, size: int) -> bytearray:
         buffer = bytearray(size)
-        view = memoryview(buffer)
-        got = 0
+        self._recv_into(memoryview(buffer))
+        return buffer
+
+    def _recv_into(self, view: memoryview) -> None:
+        """Fill `view` from the socket."""
+        got, size = 0, len(view)
         while got < size:
             n = self.sock.recv_into(view[got:], size - got)
             if n == 0:
                 raise AssociationClosed("the peer closed the connection")
             got += n
-        return buffer
 
     def recv_pdu(self) -> tuple[int, bytearray]:
         """Read one PDU: its type and its body (without the 6-byte header)."""
+        pdu_type, length = self._recv_pdu_header()
+        return pdu_type, self._recv_exact(length)
+
+    def _recv_pdu_header(self) -> tuple[int, int]:
+        """Read a PDU header and check the PDU's type and length; return both."""
         header = self._recv_exact(6)
         pdu_type, length = header[0], struct.unpack_from(">I", header, 2)[0]
         if pdu_type == P_DATA_TF_TYPE and length > self.max_pdu:
@@ -182,7 +225,7 @@ class Association:
                             P_DATA_TF_TYPE, A_RELEASE_RQ_TYPE, A_RELEASE_RP_TYPE, A_ABORT_TYPE):
             self.abort(ABORT_UNRECOGNIZED_PDU)
             raise AssociationClosed(f"unrecognised PDU type 0x{pdu_type:02x}")
-        return pdu_type, self._recv_exact(length)
+        return pdu_type, length
 
     def send_pdu(self, pdu_type: int, *parts: bytes | memoryview) -> None:
         """Send one PDU made of `parts`."""
@@ -252,42 +295,49 @@ class Association:
             self.sock.sendall(out)
 
     def receive_message(self) -> tuple[Context, Command, ReceivedDataset | None] | None:
-        """The next complete DIMSE message, or None when the peer released the association."""
+        """The next complete DIMSE message, or None when the peer released the association.
+
+        P-DATA PDUs are read PDV by PDV: dataset fragments go from the socket straight
+        into the dataset's buffer (or its spill file), with no copy of the PDU between.
+        """
         command_bytes = bytearray()
         command: Command | None = None
         context: Context | None = None
         dataset: ReceivedDataset | None = None
         try:
             while True:
-                pdu_type, body = self.recv_pdu()
-                if pdu_type == A_RELEASE_RQ_TYPE:
-                    if command is not None or command_bytes:
-                        raise AssociationClosed("release requested in the middle of a message")
-                    self.send_pdu(A_RELEASE_RP_TYPE, bytes(4))
-                    return None
-                if pdu_type == A_ABORT_TYPE:
-                    raise AssociationClosed("the peer aborted the association")
+                if self._pdu_left:  # the PDU that ended the last message holds more PDVs
+                    pdu_type, length, self._pdu_left = P_DATA_TF_TYPE, self._pdu_left, 0
+                else:
+                    pdu_type, length = self._recv_pdu_header()
                 if pdu_type != P_DATA_TF_TYPE:
+                    self._recv_exact(length)
+                    if pdu_type == A_RELEASE_RQ_TYPE:
+                        if command is not None or command_bytes:
+                            raise AssociationClosed("release requested in the middle of a message")
+                        self.send_pdu(A_RELEASE_RP_TYPE, bytes(4))
+                        return None
+                    if pdu_type == A_ABORT_TYPE:
+                        raise AssociationClosed("the peer aborted the association")
                     self.abort(ABORT_UNEXPECTED_PDU)
                     raise AssociationClosed(f"unexpected PDU type 0x{pdu_type:02x}")
                 self.busy = True
-                view = memoryview(body)
-                offset = 0
-                while offset < len(view):
-                    if len(view) - offset < 6:
+                left = length
+                while left:
+                    if left < 6:
                         raise self._protocol_error("truncated PDV item")
-                    item_length = struct.unpack_from(">I", view, offset)[0]
-                    if item_length < 2 or offset + 4 + item_length > len(view):
+                    header = self._recv_exact(6)
+                    item_length = struct.unpack_from(">I", header)[0]
+                    context_id, control = header[4], header[5]
+                    if item_length < 2 or item_length + 4 > left:
                         raise self._protocol_error("PDV item length out of bounds")
-                    context_id, control = view[offset + 4], view[offset + 5]
-                    fragment = view[offset + 6:offset + 4 + item_length]
-                    offset += 4 + item_length
+                    left -= 4 + item_length
                     if context_id not in self.contexts:
                         raise self._protocol_error(f"PDV on context {context_id}, not accepted")
                     if control & 0x01:  # command fragment
                         if command is not None:
                             raise self._protocol_error("a second command before the dataset")
-                        command_bytes += fragment
+                        command_bytes += self._recv_exact(item_length - 2)
                         if control & 0x02:
                             try:
                                 command = decode_command(bytes(command_bytes))
@@ -295,13 +345,16 @@ class Association:
                                 raise self._protocol_error(f"bad command set: {exc}") from exc
                             context = self.contexts[context_id]
                             if not command.has_dataset:
+                                self._pdu_left = left
                                 return context, command, None
-                            dataset = ReceivedDataset(self.staging)
+                            dataset = ReceivedDataset(self.staging, self._dataset_buffer)
                     else:
                         if command is None or dataset is None:
                             raise self._protocol_error("dataset fragment before its command")
-                        dataset.write(fragment)
+                        dataset.receive(self._recv_into, item_length - 2)
+                        self._dataset_buffer = dataset.buffer  # grown, kept for the next one
                         if control & 0x02:
+                            self._pdu_left = left
                             dataset.finish()
                             assert context is not None
                             return context, command, dataset
