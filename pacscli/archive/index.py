@@ -265,17 +265,29 @@ class Index:
         attributes: dict[str, str | None],
         extra: dict[str, object],
     ) -> int:
-        """Insert a row or update the existing one (the newest instance's values win)."""
+        """Insert a row or update the existing one (the newest instance's values win).
+
+        A row whose values are already these is left alone: most instances repeat their
+        series', study's and patient's values, and rewriting those rows made every commit
+        write their pages again.
+        """
         table = _LEVEL_TABLES[level]
         values = {**attributes, **extra}
         names = list(values)
-        updates = ", ".join(f"{n} = excluded.{n}" for n in names if n not in keys)
-        row = conn.execute(
-            f"INSERT INTO {table} ({', '.join(names)}) VALUES ({', '.join('?' * len(names))}) "
-            f"ON CONFLICT ({', '.join(keys)}) DO UPDATE SET {updates} RETURNING pk",
-            [values[n] for n in names],
-        ).fetchone()
-        return int(row[0])
+        columns = [n for n in names if n not in keys]
+        where = " AND ".join(f"{k} = ?" for k in keys)
+        key_values = [values[k] for k in keys]
+        row = conn.execute(f"SELECT pk, {', '.join(columns)} FROM {table} WHERE {where}",
+                           key_values).fetchone()
+        if row is None:
+            cursor = conn.execute(
+                f"INSERT INTO {table} ({', '.join(names)}) VALUES ({', '.join('?' * len(names))})",
+                [values[n] for n in names])
+            return int(cursor.lastrowid or 0)
+        if any(row[n] != values[n] for n in columns):
+            conn.execute(f"UPDATE {table} SET {', '.join(f'{n} = ?' for n in columns)} WHERE pk = ?",
+                         [*(values[n] for n in columns), row["pk"]])
+        return int(row["pk"])
 
     # Whole-index operations: `pacs index --rebuild` and `pacs verify`.
 
