@@ -203,7 +203,12 @@ class Sent:
 
 def run_timed(cmd: Sequence[str], env: dict[str, str] | None = None,
               stdout: Path | None = None) -> Sent:
-    """Run a sender to completion; wall-clock time from start to exit."""
+    """Run a sender to completion; wall-clock time from start to exit.
+
+    Starts from a quiet disk: storescp leaves its files to the kernel's writeback, which
+    would otherwise run during, and be charged to, whichever transfer comes next.
+    """
+    os.sync()
     start = time.perf_counter()
     if stdout is None:
         done = subprocess.run(list(cmd), capture_output=True, env=env, cwd=REPO,
