@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import sqlite3
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -142,6 +142,9 @@ class Index:
         self._local = threading.local()
         self._connections: list[sqlite3.Connection] = []
         self._lock = threading.Lock()
+        # Writers of this process queue here rather than in SQLite's busy handler, which
+        # sleeps 1, 2, 5... ms between tries while another thread holds the write lock.
+        self._write_lock = threading.Lock()
         self.migrate()
 
     def connection(self) -> sqlite3.Connection:
@@ -176,13 +179,14 @@ class Index:
     def transaction(self) -> Iterator[sqlite3.Connection]:
         """A write transaction: BEGIN IMMEDIATE ... COMMIT, rolled back on error."""
         conn = self.connection()
-        conn.execute("BEGIN IMMEDIATE")
-        try:
-            yield conn
-        except BaseException:
-            conn.execute("ROLLBACK")
-            raise
-        conn.execute("COMMIT")
+        with self._write_lock:
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                yield conn
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+            conn.execute("COMMIT")
 
     def schema_version(self) -> int:
         """The schema version this index file has."""
@@ -215,14 +219,18 @@ class Index:
         ).fetchone()
         return InstanceRow(*row) if row else None
 
-    def upsert(self, info: InstanceInfo, stored: StoredFile, *, replacing: bool = False) -> None:
+    def upsert(self, info: InstanceInfo, stored: StoredFile, *, replacing: bool = False,
+               before_commit: Callable[[], None] | None = None) -> None:
         """Insert or update an instance and its series, study and patient rows; `replacing`
         first drops the instance's old row and the parents it leaves empty (its study or
-        series UIDs changed), in the same transaction."""
+        series UIDs changed), in the same transaction. `before_commit` runs once the rows
+        are written and before they commit: if it raises, nothing is committed."""
         with self.transaction() as conn:
             if replacing:
                 self._remove_in(conn, [info.sop_uid])
             self._upsert_in(conn, info, stored)
+            if before_commit is not None:
+                before_commit()
 
     def _upsert_in(self, conn: sqlite3.Connection, info: InstanceInfo, stored: StoredFile) -> None:
         """The rows of `upsert`, inside the caller's transaction."""
