@@ -282,13 +282,14 @@ def _dictionary_vr(tag: int) -> str | None:
         return None
 
 
-def _collect(fp: BinaryIO, data: bytes, start: int, implicit: bool) -> dict[int, tuple[bytes, bytes]]:
+def _collect(fp: BinaryIO, data: bytes, start: int, implicit: bool,
+             wanted: frozenset[int] = _WANTED) -> dict[int, tuple[bytes, bytes]]:
     """Walk the header at data[start:], data being the first bytes of fp (a read of
     _HEAD bytes, fp left after them); read on when the header is longer."""
     complete = len(data) < _HEAD
     while True:
         try:
-            return collect_top_level(data, start, implicit, _WANTED, complete=complete,
+            return collect_top_level(data, start, implicit, wanted, complete=complete,
                                      vr_of=_dictionary_vr)
         except NeedMore as more:
             want = max(more.end, 2 * len(data))
@@ -297,6 +298,25 @@ def _collect(fp: BinaryIO, data: bytes, start: int, implicit: bool) -> dict[int,
             extra = fp.read(want - len(data))
             complete = len(extra) < want - len(data)
             data += extra
+
+
+def read_raw_top_level(fp: BinaryIO, transfer_syntax: str,
+                       tags: frozenset[int]) -> dict[int, bytes] | None:
+    """The values of the top-level `tags` of the dataset at fp's position, as stored
+    (padding included), read by the element walker; the last one when a tag repeats, as
+    pydicom keeps. None when the walker does not cover the dataset (a syntax other than
+    little endian and not deflated, or anything unusual): the caller then reads it with
+    pydicom, whose raw element values are these same bytes. fp is left anywhere."""
+    implicit = _FAST_SYNTAXES.get(transfer_syntax)
+    if implicit is None:
+        return None
+    try:
+        raw = _collect(fp, fp.read(_HEAD), 0, implicit, tags)
+    except OSError:
+        raise
+    except Exception:  # Unusual, malformed: pydicom's reader gives the answer
+        return None
+    return {tag: value for tag, (_, value) in raw.items()}
 
 
 def _fast_instance_info(path: Path) -> InstanceInfo | None:

@@ -28,12 +28,12 @@ from pynetdicom.presentation import PresentationContext
 from pynetdicom.status import STORAGE_SERVICE_CLASS_STATUS
 
 from pacscli.config import Remote, Settings
-from pacscli.dicom.identity import read_file_meta, read_header, read_meta_values
+from pacscli.dicom.identity import read_file_meta, read_header, read_meta_values, read_raw_top_level
 from pacscli.dicom.transcode import convert, fix_odd_fragments, write_part10
 from pacscli.dicom.uids import clean_uid
 from pacscli.errors import InvalidDicomError, NetworkError, PacsError, UsageError
-from pacscli.net.client import ClientAssociation, request_association
-from pacscli.net.server import AssociationClosed
+from pacscli.net.client import ClientAssociation, DatasetFile, request_association
+from pacscli.net.server import AssociationClosed, Context
 from pacscli.records import Record, failed
 
 log = logging.getLogger(__name__)
@@ -43,7 +43,8 @@ UNCOMPRESSED = (ExplicitVRLittleEndian, ImplicitVRLittleEndian)  # what we can c
 WARNING_STATUSES = frozenset({0x0001, 0xB000, 0xB006, 0xB007})
 MEDIA_STORAGE_DIRECTORY = "1.2.840.10008.1.3.10"  # a DICOMDIR: not an instance to send
 IDENTITY = ("StudyInstanceUID", "SeriesInstanceUID", "SOPClassUID", "SOPInstanceUID")
-_IDENTITY_TAGS = [tag_for_keyword(kw) for kw in IDENTITY]
+_IDENTITY_TAGS = tuple(int(tag_for_keyword(kw) or 0) for kw in IDENTITY)
+_IDENTITY_TAG_SET = frozenset(_IDENTITY_TAGS)
 
 Progress = Callable[[int, int], None]  # (instances done, instances to send)
 
@@ -116,6 +117,29 @@ def _has_odd_fragment(fp: BinaryIO) -> bool:
     return False
 
 
+def _identity_texts(fp: BinaryIO, offset: int,
+                    transfer_syntax: str) -> tuple[list[str | None], bool]:
+    """The IDENTITY UIDs as stored in the dataset at `offset` (None when absent), and
+    whether its encapsulated pixel data has an odd-length fragment.
+
+    The element walker reads the common case without pydicom (pydicom's header parse was
+    most of a scan); anything it does not cover, and encapsulated pixel data (whose
+    fragments are read from where pydicom's reader stops), takes pydicom's reader.
+    """
+    encapsulated = UID(transfer_syntax).is_encapsulated
+    if not encapsulated:
+        raw = read_raw_top_level(fp, transfer_syntax, _IDENTITY_TAG_SET)
+        if raw is not None:
+            return [None if (value := raw.get(tag)) is None else value.decode("latin-1")
+                    for tag in _IDENTITY_TAGS], False
+        fp.seek(offset)
+    # Reads on from the file meta (no second parse), stopping at the Pixel Data element
+    # with fp left there (not so when deflated).
+    ds = read_header(fp, transfer_syntax, part10=True)
+    texts = [_uid_text(ds.get_item(keyword)) for keyword in IDENTITY]
+    return texts, encapsulated and _has_odd_fragment(fp)
+
+
 def scan(path: Path) -> Instance:
     """Read what sending `path` needs from its file meta and dataset header (no pixel data).
 
@@ -132,10 +156,7 @@ def scan(path: Path) -> Instance:
             transfer_syntax = clean_uid(ts_text)
             if not transfer_syntax:
                 raise InvalidDicomError("the file meta has no Transfer Syntax UID")
-            # Reads on from the file meta (no second parse), stopping at the Pixel Data
-            # element with fp left there (not so when deflated).
-            ds = read_header(fp, transfer_syntax, part10=True)
-            odd = UID(transfer_syntax).is_encapsulated and _has_odd_fragment(fp)
+            uid_texts, odd = _identity_texts(fp, offset, transfer_syntax)
     except OSError as exc:
         raise InvalidDicomError(f"cannot read {path}: {exc.strerror or exc}") from exc
     except InvalidDicomError:
@@ -147,8 +168,7 @@ def scan(path: Path) -> Instance:
     if _is_padded(ts_text):
         fixes.append("TransferSyntaxUID padding removed")
     values: dict[str, str] = {}
-    for keyword in IDENTITY:
-        text = _uid_text(ds.get_item(keyword))
+    for keyword, text in zip(IDENTITY, uid_texts, strict=True):
         if text is not None and clean_uid(text):
             values[keyword] = clean_uid(text)
             if _is_padded(text):
@@ -307,9 +327,28 @@ def _rewrite(instance: Instance, accepted: Collection[str], dest: Path) -> Recor
     return fields
 
 
+def _dataset_offset(path: Path) -> int:
+    """Where the dataset of a file we wrote starts."""
+    try:
+        with open(path, "rb") as fp:
+            return read_file_meta(fp)[1]
+    except OSError as exc:
+        raise InvalidDicomError(f"cannot read {path}: {exc.strerror or exc}") from exc
+
+
+def _as_stored(assoc: ClientAssociation, instance: Instance | None) -> tuple[Context, DatasetFile] | None:
+    """The context and dataset of an instance that goes out as its bytes on disk, for the
+    association to read ahead; None for one that must be rewritten first."""
+    if instance is None or instance.needs_rewrite:
+        return None
+    context = assoc.context_for(instance.sop_class, instance.transfer_syntax)
+    return None if context is None else (context, DatasetFile(instance.path, instance.dataset_offset))
+
+
 def _send_one(assoc: ClientAssociation, instance: Instance, remote: Remote, workdir: Path,
-              errors: list[NetworkError]) -> Record:
-    """C-STORE one instance on an established association; its result record."""
+              errors: list[NetworkError], upcoming: Instance | None = None) -> Record:
+    """C-STORE one instance on an established association; its result record. The
+    `upcoming` instance, sent next, is read ahead while the peer stores this one."""
     base = instance.record(remote)
     accepted = assoc.accepted_syntaxes(instance.sop_class)
     if not accepted:
@@ -325,18 +364,9 @@ def _send_one(assoc: ClientAssociation, instance: Instance, remote: Remote, work
             fields = _rewrite(instance, accepted, temp)
         context = assoc.context_for(instance.sop_class, str(fields["transfer_syntax"]))
         assert context is not None  # _rewrite picked an accepted syntax
-        try:
-            source = open(path, "rb")  # noqa: SIM115 - closed below, around the send
-        except OSError as exc:
-            raise InvalidDicomError(f"cannot read {path}: {exc.strerror or exc}") from exc
-        with source:
-            if temp is None:
-                offset = instance.dataset_offset
-                source.seek(offset)
-            else:
-                _, offset = read_file_meta(source)
-            size = os.fstat(source.fileno()).st_size - offset
-            response = assoc.c_store(context, instance.sop_uid, (source, size))
+        offset = instance.dataset_offset if temp is None else _dataset_offset(temp)
+        response = assoc.c_store(context, instance.sop_uid, DatasetFile(path, offset),
+                                 upcoming=_as_stored(assoc, upcoming))
     except PacsError as exc:
         return failed(exc, **base, **fields)
     except TimeoutError:
@@ -389,7 +419,9 @@ def _send_share(settings: Settings, remote: Remote, instances: Sequence[Instance
                 return
             try:
                 while pending and assoc.established and not stop.is_set():
-                    yield _send_one(assoc, pending.pop(0), remote, workdir, errors)
+                    instance = pending.pop(0)
+                    yield _send_one(assoc, instance, remote, workdir, errors,
+                                    upcoming=pending[0] if pending else None)
             except BaseException:  # Ctrl-C, or our reader went away: do not wait on the peer
                 assoc.abort()
                 raise

@@ -35,6 +35,7 @@ from pacscli.dicom.identity import (
     read_file_meta,
     read_instance_info,
     read_meta_values,
+    read_raw_top_level,
     read_received_info,
     seek_dataset,
 )
@@ -394,6 +395,36 @@ def test_unusual_encodings_fall_back() -> None:
     for data, syntax in cases:
         assert _fast_received_info(data, syntax) is None, syntax
         received_alike(data, syntax)
+
+
+@pytest.mark.parametrize("implicit", [False, True])
+def test_raw_top_level_values_are_the_bytes_as_stored(implicit: bool) -> None:
+    syntax = IMPLICIT if implicit else EXPLICIT
+    data = (nested_sequences(implicit) + identity_elements(implicit, SOPInstanceUID=b"1.2.3.3\x00 ")
+            + pixel_data(implicit) + element(0x00100020, "LO", b"AFTER", implicit))
+    wanted = frozenset({0x00080018, 0x0020000D, 0x00100020, 0x00080050})
+    fp = BytesIO(b"meta" + data)
+    fp.seek(4)
+    raw = read_raw_top_level(fp, syntax, wanted)
+    # top-level values only, read up to the pixel data; absent tags are left out
+    assert raw == {0x00080018: b"1.2.3.3\x00 ", 0x0020000D: b"1.2.3.1", 0x00100020: b"OUTER"}
+    ds = pydicom.filereader.read_dataset(BytesIO(data), implicit, True, specific_tags=list(wanted),
+                                         stop_when=identity._before_pixels)
+    assert raw == {tag: ds.get_item(tag).value for tag in wanted if tag in ds}
+
+
+def test_raw_top_level_leaves_the_unusual_to_pydicom() -> None:
+    explicit_data = identity_elements(False)
+    wanted = frozenset({0x00080018})
+    for data, syntax in [
+        (explicit_data, "1.2.840.10008.1.2.2"),  # big endian
+        (explicit_data, "1.2.840.10008.1.2.1.99"),  # deflated
+        (explicit_data, "1.2.3.4"),  # not a transfer syntax
+        (explicit_data, IMPLICIT),  # the VR encoding disagrees with the syntax
+        (explicit_data[:-3], EXPLICIT),  # truncated
+        (sequence(0x00091010, b"", False).replace(b"SQ", b"OB") + explicit_data, EXPLICIT),
+    ]:
+        assert read_raw_top_level(BytesIO(data), syntax, wanted) is None, syntax
 
 
 def test_unsafe_and_missing_uids_raise_as_pydicom_does() -> None:

@@ -3,18 +3,21 @@ context planning past 128 contexts, fragment padding, and an association that di
 
 from __future__ import annotations
 
+import os
 import struct
 import subprocess
 import sys
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
+from functools import partial
 from io import BytesIO
 from pathlib import Path
 from typing import Any
 
 import pydicom
 import pytest
+from pydicom.data import get_testdata_files
 from pydicom.encaps import generate_fragments, parse_basic_offsets
 from pydicom.uid import (
     DeflatedExplicitVRLittleEndian,
@@ -24,8 +27,12 @@ from pydicom.uid import (
 )
 
 from pacscli.config import Settings, parse_remote
+from pacscli.dicom.identity import read_raw_top_level, seek_dataset
 from pacscli.dicom.transcode import ITEM_TAG, pad_odd_fragments
-from pacscli.errors import NetworkError, UsageError
+from pacscli.errors import InvalidDicomError, NetworkError, UsageError
+from pacscli.net import client
+from pacscli.net import store as net_store
+from pacscli.net.client import ClientAssociation
 from pacscli.net.store import (
     MAX_CONTEXTS,
     Instance,
@@ -36,7 +43,16 @@ from pacscli.net.store import (
     store,
     syntax_groups,
 )
-from tests.conftest import free_port, testdata
+from tests.conftest import DCMTK_ENV, free_port, require, testdata, wait_for_port
+from tests.dicom.test_identity import (
+    EXPLICIT,
+    IMPLICIT,
+    element,
+    identity_elements,
+    nested_sequences,
+    part10,
+    pixel_data,
+)
 
 CT = "1.2.840.10008.5.1.4.1.1.2"
 
@@ -112,6 +128,78 @@ def test_scan_not_dicom(tmp_path: Path) -> None:
     (tmp_path / "notes.txt").write_text("not DICOM")
     with pytest.raises(NotDicomError):
         scan(tmp_path / "notes.txt")
+
+
+def _scan_outcome(path: Path) -> Instance | tuple[type, str]:
+    """What scan gives: the Instance, or the error's type and message."""
+    try:
+        return scan(path)
+    except InvalidDicomError as exc:
+        return type(exc), str(exc)
+
+
+def _dirty_files(folder: Path) -> list[Path]:
+    """Files with the UID dirt real devices write, in both VR encodings, plus the dirty files
+    the other tests send: padded and disagreeing UIDs, odd-length fragments."""
+    mismatch = pydicom.dcmread(testdata("explicit_le"))
+    mismatch.SOPInstanceUID = "1.2.826.0.1.3680043.2.1125.77.3"
+    mismatch.file_meta.MediaStorageSOPInstanceUID = "1.2.826.0.1.3680043.2.1125.77.4"
+    mismatch.save_as(folder / "mismatch.dcm")
+    files = [write_padded_uid(folder / "padded.dcm"), write_odd_fragments(folder / "odd.dcm"),
+             folder / "mismatch.dcm"]
+    for implicit in (False, True):
+        syntax = (IMPLICIT if implicit else EXPLICIT).encode()
+        uids = partial(identity_elements, implicit)
+        cases = {
+            "spaces": part10(uids(SOPInstanceUID=b"1.2.3.3 ", StudyInstanceUID=b" 1.2.3.1"), syntax),
+            "nuls": part10(uids(SOPInstanceUID=b"1.2.3.3\x00\x00", SeriesInstanceUID=b"1.2.3.22\x00"),
+                           syntax),
+            "empty_class": part10(uids(SOPClassUID=b""), syntax),
+            "meta_differs": part10(uids(), syntax, sop_uid=b"1.2.3.9"),
+            "meta_padded": part10(uids(), syntax, sop_uid=b"1.2.3.3\x00\x00 "),
+            "syntax_padded": part10(uids(), syntax + b" \x00"),
+            "repeated": part10(uids() + element(0x00080018, "UI", b"1.2.3.4 ", implicit), syntax),
+            "latin1": part10(uids(SOPInstanceUID=b"1.2.3.\xe9"), syntax),
+            "nested": part10(nested_sequences(implicit) + uids(), syntax),
+            "pixels": part10(uids() + pixel_data(implicit), syntax),
+            "truncated": part10(uids() + pixel_data(implicit), syntax)[:-40],
+        }
+        for name, data in cases.items():
+            path = folder / f"{name}_{'implicit' if implicit else 'explicit'}.dcm"
+            path.write_bytes(data)
+            files.append(path)
+    return files
+
+
+PYDICOM_FILES = sorted({Path(f) for f in get_testdata_files() if Path(f).is_file()})
+
+
+def test_fast_scan_gives_the_pydicom_scan(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """scan reads the identity UIDs with the element walker when it can; every result
+    (fixes, odd fragments, odd length, dataset offset, errors) is the pydicom reader's."""
+    files = PYDICOM_FILES + _dirty_files(tmp_path)
+    fast = {path: _scan_outcome(path) for path in files}
+    monkeypatch.setattr(net_store, "read_raw_top_level", lambda *args: None)
+    slow = {path: _scan_outcome(path) for path in files}
+    assert [p for p in files if fast[p] != slow[p]] == []
+    assert any(isinstance(result, Instance) and result.fixes for result in fast.values())
+
+
+def test_fast_scan_covers_the_common_files(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    walked: list[bool] = []
+
+    def spy(*args: Any) -> Any:
+        raw = read_raw_top_level(*args)
+        walked.append(raw is not None)
+        return raw
+
+    monkeypatch.setattr(net_store, "read_raw_top_level", spy)
+    for path in (testdata("explicit_le"), testdata("implicit_le"), write_padded_uid(tmp_path / "p.dcm")):
+        scan(path)
+    assert walked == [True, True, True]
+    scan(testdata("jpeg_baseline"))  # encapsulated: pydicom's reader finds the fragments
+    scan(testdata("explicit_be"))  # not covered by the walker
+    assert walked == [True, True, True, False]
 
 
 # --- presentation contexts --------------------------------------------------------------------
@@ -252,3 +340,67 @@ def test_peer_vanishing_mid_run_fails_the_rest(tmp_path: Path) -> None:
     assert all(r["status"] == "failed" for r in records[2:])
     assert all(r["error"]["code"] in ("connection-failed", "association-aborted")
                for r in records[2:])
+
+
+def _ct_with_dataset_size(path: Path, size: int, number: int) -> Path:
+    """CT_small with pixel data that makes its dataset exactly `size` bytes (even)."""
+    ds = pydicom.dcmread(testdata("explicit_le"))
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = f"1.2.826.0.1.3680043.2.1125.78.{number}"
+    ds.PixelData = b""
+    ds.save_as(path)
+    with open(path, "rb") as fp:
+        header = len(fp.read()) - seek_dataset(fp)
+    ds.PixelData = bytes(range(256)) * ((size - header) // 256) + bytes((size - header) % 256)
+    ds.save_as(path)
+    return path
+
+
+def _dataset_bytes(path: Path) -> bytes:
+    with open(path, "rb") as fp:
+        seek_dataset(fp)
+        return fp.read()
+
+
+@pytest.mark.parametrize("portable", [False, True], ids=["preadv", "portable"])
+def test_datasets_of_many_pdus_and_batches_arrive_as_stored(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                           portable: bool) -> None:
+    """Datasets sent in the smallest PDUs DCMTK takes (4 KiB: 256 PDUs a batch), some over
+    several batches, ending on a PDU or batch boundary or not, each read ahead while the peer
+    stores the one before: every byte arrives as stored. `portable`: without os.preadv, and
+    with each command PDU too long for the room kept for it before the dataset's PDUs."""
+    if portable:
+        monkeypatch.delattr(os, "preadv", raising=False)
+        monkeypatch.setattr(client, "_COMMAND_ROOM", 16)
+    step = 4096 - 6
+    batch = 1024 * 1024 // step * step
+    sizes = [2 * batch, 2 * batch + 1000, 10 * step, 6598, 2 * batch + step]
+    folder = tmp_path / "in"
+    folder.mkdir()
+    files = [_ct_with_dataset_size(folder / f"{n}.dcm", size, n) for n, size in enumerate(sizes)]
+    assert [len(_dataset_bytes(f)) for f in files] == sizes
+    read_ahead: list[bool] = []
+    take_ahead = ClientAssociation._take_ahead
+
+    def spy(self: ClientAssociation, *args: Any) -> Any:
+        ahead = take_ahead(self, *args)
+        read_ahead.append(ahead is not None)
+        return ahead
+
+    monkeypatch.setattr(ClientAssociation, "_take_ahead", spy)
+    out = tmp_path / "out"
+    out.mkdir()
+    port = free_port()
+    proc = subprocess.Popen([require("storescp"), "--aetitle", "STORESCP", "+B", "--max-pdu", "4096",
+                             "-od", str(out), str(port)], env=DCMTK_ENV, stdin=subprocess.DEVNULL,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_for_port(port, proc=proc)
+        records = list(store(_settings(tmp_path), parse_remote(f"STORESCP@127.0.0.1:{port}"),
+                             [{"path": str(folder)}]))
+    finally:
+        proc.terminate()
+        proc.wait(10)
+    assert [r["status"] for r in records] == ["ok"] * len(files), records
+    assert read_ahead == [False] + [True] * (len(files) - 1)
+    arrived = {p.name.removeprefix("CT."): _dataset_bytes(p) for p in out.iterdir()}
+    assert arrived == {r["SOPInstanceUID"]: _dataset_bytes(Path(r["path"])) for r in records}
