@@ -14,13 +14,12 @@ storing the current one: between a response and the next request only the send i
 from __future__ import annotations
 
 import logging
-import os
 import socket
 import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
 from pynetdicom.pdu import A_ASSOCIATE_AC, A_ASSOCIATE_RJ, A_ASSOCIATE_RQ
 from pynetdicom.pdu_primitives import (
@@ -44,17 +43,15 @@ from pacscli.net.server import (
     A_RELEASE_RP_TYPE,
     A_RELEASE_RQ_TYPE,
     APPLICATION_CONTEXT,
-    P_DATA_TF_TYPE,
     Association,
     AssociationClosed,
     Context,
+    DatasetFile,
+    OutgoingDataset,
 )
 
 log = logging.getLogger(__name__)
 
-_SEND_BATCH = 1024 * 1024  # dataset bytes read and sent per system call
-_COMMAND_ROOM = 512  # room before a dataset's first PDUs for the command PDU (~200 bytes)
-_PDU_PDV = struct.Struct(">BBIIBB")  # a P-DATA-TF PDU header and its one PDV's header
 
 
 @dataclass(frozen=True)
@@ -63,27 +60,6 @@ class StoreResponse:
 
     status: int
     error_comment: str = ""
-
-
-@dataclass(frozen=True)
-class DatasetFile:
-    """A dataset to send from a file: its bytes from `offset` (after the file meta) to the end."""
-
-    path: Path
-    offset: int
-
-
-class _Outgoing:
-    """A dataset file on its way out: the open file, where its unread bytes start, how many
-    are left, and where its PDUs read so far end in the association's send buffer."""
-
-    def __init__(self, dataset: DatasetFile, context_id: int, source: BinaryIO) -> None:
-        self.dataset = dataset
-        self.context_id = context_id
-        self.source = source
-        self.position = dataset.offset
-        self.remaining = os.fstat(source.fileno()).st_size - dataset.offset
-        self.end = 0
 
 
 class ClientAssociation(Association):
@@ -96,10 +72,7 @@ class ClientAssociation(Association):
         self.dimse_timeout = settings.network.dimse_timeout
         self.peer_implementation_class_uid = ""
         self.peer_implementation_version_name = ""
-        # Room for a command PDU, then a batch of dataset PDUs: reused by each dataset in
-        # turn (a fresh buffer filled by joining PDVs cost ~0.5 ms per CT slice).
-        self._buffer = bytearray()
-        self._ahead: _Outgoing | None = None  # the next dataset, its first PDUs read already
+        self._ahead: OutgoingDataset | None = None  # the next dataset, its first PDUs read already
 
     def accepted_syntaxes(self, sop_class: str) -> list[str]:
         """The transfer syntaxes accepted for `sop_class`, in context order."""
@@ -126,7 +99,7 @@ class ClientAssociation(Association):
         if isinstance(dataset, DatasetFile):  # opened first: a file we cannot open uses no message ID
             outgoing = self._take_ahead(context.id, dataset) or self._open(context.id, dataset)
             message_id, command = self._store_command(context, sop_uid)
-            self._send_file(outgoing, command)
+            self.send_message(context.id, command, outgoing)
         else:
             message_id, command = self._store_command(context, sop_uid)
             self.send_message(context.id, command, dataset)
@@ -152,19 +125,12 @@ class ClientAssociation(Association):
             CommandField=C_STORE_RQ, AffectedSOPClassUID=context.abstract_syntax, MessageID=message_id,
             Priority=0, CommandDataSetType=HAS_DATASET, AffectedSOPInstanceUID=sop_uid)
 
-    def _open(self, context_id: int, dataset: DatasetFile) -> _Outgoing:
-        """Open a dataset file and read its first batch of PDUs into the send buffer."""
+    def _open(self, context_id: int, dataset: DatasetFile) -> OutgoingDataset:
+        """`open_dataset`, saying which file could not be read."""
         try:
-            source = open(dataset.path, "rb")  # noqa: SIM115 - closed once sent
+            return self.open_dataset(context_id, dataset)
         except OSError as exc:
             raise InvalidDicomError(f"cannot read {dataset.path}: {exc.strerror or exc}") from exc
-        try:
-            outgoing = _Outgoing(dataset, context_id, source)
-            self._read_batch(outgoing)
-        except BaseException:
-            source.close()
-            raise
-        return outgoing
 
     def _read_ahead(self, context: Context, dataset: DatasetFile) -> None:
         """Open the next dataset and read its first PDUs now; on any error, leave it to its
@@ -174,7 +140,7 @@ class ClientAssociation(Association):
         except (InvalidDicomError, OSError) as exc:
             log.debug("reading %s ahead: %s", dataset.path, exc)
 
-    def _take_ahead(self, context_id: int, dataset: DatasetFile) -> _Outgoing | None:
+    def _take_ahead(self, context_id: int, dataset: DatasetFile) -> OutgoingDataset | None:
         """The dataset read ahead, if it is this one."""
         ahead, self._ahead = self._ahead, None
         if ahead is not None and (ahead.dataset, ahead.context_id) == (dataset, context_id):
@@ -182,51 +148,6 @@ class ClientAssociation(Association):
         if ahead is not None:
             ahead.source.close()
         return None
-
-    def _read_batch(self, outgoing: _Outgoing) -> None:
-        """Frame the next batch of the dataset's PDUs in the send buffer, after the command
-        room, reading the file straight into place between the PDU headers."""
-        step = max(self.peer_max_pdu - 6, 1024)  # dataset bytes per PDV
-        per_batch = max(1, _SEND_BATCH // step)
-        needed = _COMMAND_ROOM + per_batch * (_PDU_PDV.size + step)
-        if len(self._buffer) < needed:
-            self._buffer = bytearray(needed)
-        buffer, view = self._buffer, memoryview(self._buffer)
-        end, slots = _COMMAND_ROOM, []
-        for _ in range(per_batch):
-            length = min(step, outgoing.remaining)
-            outgoing.remaining -= length
-            _PDU_PDV.pack_into(buffer, end, P_DATA_TF_TYPE, 0, length + 6, length + 2, outgoing.context_id,
-                               0x02 if outgoing.remaining == 0 else 0x00)
-            end += _PDU_PDV.size
-            slots.append(view[end:end + length])
-            end += length
-            if outgoing.remaining == 0:
-                break
-        outgoing.position += _read_into(outgoing.source, outgoing.position, slots)
-        outgoing.end = end
-
-    def _send_file(self, outgoing: _Outgoing, command: bytes) -> None:
-        """Send the command PDU and the dataset's PDUs, the command with the first batch (in
-        the room left for it before them); closes the file."""
-        head = _PDU_PDV.pack(P_DATA_TF_TYPE, 0, len(command) + 6, len(command) + 2, outgoing.context_id,
-                             0x03) + command
-        try:
-            start = _COMMAND_ROOM - len(head)
-            if start < 0:  # overlong UIDs: the command goes in a call of its own
-                self.send_pdu(P_DATA_TF_TYPE, head[6:])
-                start = _COMMAND_ROOM
-            else:
-                self._buffer[start:_COMMAND_ROOM] = head
-            while True:
-                with self._send_lock:
-                    self.sock.sendall(memoryview(self._buffer)[start:outgoing.end])
-                if outgoing.remaining == 0:
-                    return
-                self._read_batch(outgoing)
-                start = _COMMAND_ROOM
-        finally:
-            outgoing.source.close()
 
     def close(self) -> None:
         """Close the socket and any file read ahead."""
@@ -248,22 +169,6 @@ class ClientAssociation(Association):
             log.debug("release of %s: %s", self.remote, exc)
         finally:
             self.close()
-
-
-def _read_into(source: BinaryIO, position: int, slots: list[memoryview]) -> int:
-    """Fill `slots` with the file's bytes from `position` on; return how many were read.
-
-    One preadv system call where the platform has it; otherwise, or when it reads short,
-    a read into each slot. Raises OSError when the file ends first.
-    """
-    wanted = sum(len(slot) for slot in slots)
-    if hasattr(os, "preadv") and os.preadv(source.fileno(), slots, position) == wanted:
-        return wanted
-    source.seek(position)
-    for slot in slots:
-        if source.readinto(slot) != len(slot):  # type: ignore[attr-defined]
-            raise OSError("the file ended before the dataset did")
-    return wanted
 
 
 def request_association(settings: Settings, remote: Remote, contexts: Sequence[PresentationContext],

@@ -11,11 +11,9 @@ transfer syntax, or converted when the requestor accepted only others.
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import BinaryIO
 
 from pydicom.dataset import Dataset
 from pydicom.uid import UID
@@ -39,7 +37,15 @@ from pacscli.net.dimse import (
     encode_command,
     encode_identifier,
 )
-from pacscli.net.server import Association, AssociationClosed, Context, ReceivedDataset, Service
+from pacscli.net.server import (
+    Association,
+    AssociationClosed,
+    Context,
+    DatasetFile,
+    OutgoingDataset,
+    ReceivedDataset,
+    Service,
+)
 
 log = logging.getLogger(__name__)
 
@@ -313,12 +319,11 @@ def _get_one(assoc: Association, item: RetrieveItem) -> str:
         Priority=0, CommandDataSetType=HAS_DATASET, AffectedSOPInstanceUID=item.sop_instance_uid)
     try:  # everything that can fail with the file, before anything is sent
         if convert:
-            dataset: bytes | tuple[BinaryIO, int] = _convert(item, store_context.transfer_syntax)
-            source = None
+            dataset: bytes | OutgoingDataset = _convert(item, store_context.transfer_syntax)
         else:
-            source = open(item.path, "rb")  # noqa: SIM115 - closed after the send below
-            offset = seek_dataset(source)
-            dataset = (source, os.fstat(source.fileno()).st_size - offset)
+            with open(item.path, "rb") as source:
+                offset = seek_dataset(source)
+            dataset = assoc.open_dataset(store_context.id, DatasetFile(item.path, offset))
     except (OSError, PacsError, ValueError) as exc:
         log.error("C-GET: cannot read %s: %s", item.path, exc)
         return "failed"
@@ -327,9 +332,6 @@ def _get_one(assoc: Association, item: RetrieveItem) -> str:
     except OSError as exc:  # the file ended early, or the peer went away: the message is cut
         assoc.abort()
         raise AssociationClosed(f"C-GET sub-operation for {item.path} cut short: {exc}") from exc
-    finally:
-        if source is not None:
-            source.close()
     while True:
         message = assoc.receive_message()
         if message is None:

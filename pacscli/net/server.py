@@ -53,6 +53,8 @@ APPLICATION_CONTEXT = "1.2.840.10008.3.1.1.1"
 SPILL_THRESHOLD = 16 * 1024 * 1024
 _DEFAULT_SEND_PDU = 1024 * 1024  # when the peer advertises 0 (unlimited)
 _SEND_BATCH = 1024 * 1024  # dataset bytes read and sent per system call
+_COMMAND_ROOM = 512  # room before a dataset's first PDUs for the command PDU (~200 bytes)
+_PDU_PDV = struct.Struct(">BBIIBB")  # a P-DATA-TF PDU header and its one PDV's header
 
 # A-ABORT reasons (PS3.8 9.3.8), source 2 = service provider
 ABORT_UNRECOGNIZED_PDU, ABORT_UNEXPECTED_PDU, ABORT_INVALID_PARAMETER = 1, 2, 6
@@ -168,6 +170,27 @@ class ReceivedDataset:
             self.path.unlink(missing_ok=True)
 
 
+@dataclass(frozen=True)
+class DatasetFile:
+    """A dataset to send from a file: its bytes from `offset` (after the file meta) to the end."""
+
+    path: Path
+    offset: int
+
+
+class OutgoingDataset:
+    """A dataset file on its way out: the open file, where its unread bytes start, how many
+    are left, and where its PDUs read so far end in the association's send buffer."""
+
+    def __init__(self, dataset: DatasetFile, context_id: int, source: BinaryIO) -> None:
+        self.dataset = dataset
+        self.context_id = context_id
+        self.source = source
+        self.position = dataset.offset
+        self.remaining = os.fstat(source.fileno()).st_size - dataset.offset
+        self.end = 0
+
+
 class Association:
     """One association, accepted or requested: its socket, contexts and DIMSE messages."""
 
@@ -188,6 +211,9 @@ class Association:
         self._message_id = 0
         self.cancelled: set[int] = set()  # message IDs the peer sent C-CANCEL for
         self._dataset_buffer = bytearray()  # reused by each received dataset in turn
+        # Room for a command PDU, then a batch of dataset PDUs: reused by each dataset sent
+        # from a file (a fresh buffer filled by joining PDVs cost ~0.5 ms per CT slice).
+        self._send_buffer = bytearray()
         self._pdu_left = 0  # bytes of the current P-DATA PDU not read yet (PDVs of a next message)
 
     # -- framing ---------------------------------------------------------------------------
@@ -253,34 +279,83 @@ class Association:
     # -- DIMSE -------------------------------------------------------------------------------
 
     def send_message(self, context_id: int, command: bytes,
-                     dataset: bytes | memoryview | tuple[BinaryIO, int] | None = None) -> None:
+                     dataset: bytes | memoryview | OutgoingDataset | None = None) -> None:
         """Send a DIMSE message: the command, then the dataset in PDVs that fit the peer.
 
-        The dataset is bytes, or an open file and how many bytes to send from its position
-        (streamed, so a 1 GB instance never sits in memory).
+        The dataset is bytes, or a file's dataset opened with `open_dataset` (streamed, so a
+        1 GB instance never sits in memory; the file is closed once sent).
         """
+        if isinstance(dataset, OutgoingDataset):
+            self._send_file(dataset, command)
+            return
         self.send_pdu(P_DATA_TF_TYPE, struct.pack(">IBB", len(command) + 2, context_id, 0x03), command)
         if dataset is None:
             return
         step = max(self.peer_max_pdu - 6, 1024)
-        # Many PDUs per sendall: a peer with a 16 KiB maximum would otherwise cost a read and
-        # a system call every 16 KiB (34 per CT slice).
+        # Many PDUs per sendall: a peer with a 16 KiB maximum would otherwise cost a system
+        # call every 16 KiB (34 per CT slice).
         batch = max(step, _SEND_BATCH // step * step)
-        if isinstance(dataset, tuple):
-            source, remaining = dataset
-            while True:
-                wanted = min(batch, remaining)
-                piece = source.read(wanted)
-                if len(piece) < wanted:
-                    raise OSError("the file ended before the dataset did")
-                remaining -= wanted
-                self._send_pdvs(context_id, memoryview(piece), step, last=remaining == 0)
-                if remaining == 0:
-                    return
         view = memoryview(dataset)
         for start in range(0, max(len(view), 1), batch):
             piece_view = view[start:start + batch]
             self._send_pdvs(context_id, piece_view, step, last=start + batch >= len(view))
+
+    def open_dataset(self, context_id: int, dataset: DatasetFile) -> OutgoingDataset:
+        """Open a dataset file and read its first batch of PDUs, before anything is sent:
+        whatever is wrong with the file (OSError) shows before the message starts."""
+        source = open(dataset.path, "rb")  # noqa: SIM115 - closed once sent
+        try:
+            outgoing = OutgoingDataset(dataset, context_id, source)
+            self._read_batch(outgoing)
+        except BaseException:
+            source.close()
+            raise
+        return outgoing
+
+    def _read_batch(self, outgoing: OutgoingDataset) -> None:
+        """Frame the next batch of the dataset's PDUs in the send buffer, after the command
+        room, reading the file straight into place between the PDU headers."""
+        step = max(self.peer_max_pdu - 6, 1024)  # dataset bytes per PDV
+        per_batch = max(1, _SEND_BATCH // step)
+        needed = _COMMAND_ROOM + per_batch * (_PDU_PDV.size + step)
+        if len(self._send_buffer) < needed:
+            self._send_buffer = bytearray(needed)
+        buffer, view = self._send_buffer, memoryview(self._send_buffer)
+        end, slots = _COMMAND_ROOM, []
+        for _ in range(per_batch):
+            length = min(step, outgoing.remaining)
+            outgoing.remaining -= length
+            _PDU_PDV.pack_into(buffer, end, P_DATA_TF_TYPE, 0, length + 6, length + 2, outgoing.context_id,
+                               0x02 if outgoing.remaining == 0 else 0x00)
+            end += _PDU_PDV.size
+            slots.append(view[end:end + length])
+            end += length
+            if outgoing.remaining == 0:
+                break
+        outgoing.position += _read_into(outgoing.source, outgoing.position, slots)
+        outgoing.end = end
+
+    def _send_file(self, outgoing: OutgoingDataset, command: bytes) -> None:
+        """Send the command PDU and the dataset's PDUs, the command with the first batch (in
+        the room left for it before them); closes the file."""
+        head = _PDU_PDV.pack(P_DATA_TF_TYPE, 0, len(command) + 6, len(command) + 2, outgoing.context_id,
+                             0x03) + command
+        try:
+            start = _COMMAND_ROOM - len(head)
+            if start < 0:  # overlong UIDs: the command goes in a call of its own
+                self.send_pdu(P_DATA_TF_TYPE, head[6:])
+                start = _COMMAND_ROOM
+            else:
+                self._send_buffer[start:_COMMAND_ROOM] = head
+            while True:
+                with self._send_lock:
+                    self.sock.sendall(memoryview(self._send_buffer)[start:outgoing.end])
+                if outgoing.remaining == 0:
+                    return
+                self._read_batch(outgoing)
+                start = _COMMAND_ROOM
+        finally:
+            outgoing.source.close()
 
     def _send_pdvs(self, context_id: int, data: memoryview, step: int, *, last: bool) -> None:
         """Send `data` as P-DATA-TF PDUs of one dataset PDV each, in one system call."""
@@ -403,6 +478,22 @@ class Association:
 
     def __str__(self) -> str:
         return f"{self.calling_aet or '?'}@{self.address[0]}:{self.address[1]}"
+
+
+def _read_into(source: BinaryIO, position: int, slots: list[memoryview]) -> int:
+    """Fill `slots` with the file's bytes from `position` on; return how many were read.
+
+    One preadv system call where the platform has it; otherwise, or when it reads short,
+    a read into each slot. Raises OSError when the file ends first.
+    """
+    wanted = sum(len(slot) for slot in slots)
+    if hasattr(os, "preadv") and os.preadv(source.fileno(), slots, position) == wanted:
+        return wanted
+    source.seek(position)
+    for slot in slots:
+        if source.readinto(slot) != len(slot):  # type: ignore[attr-defined]
+            raise OSError("the file ended before the dataset did")
+    return wanted
 
 
 # A service answers one DIMSE message; it sends its responses through the association.

@@ -32,8 +32,8 @@ from pacscli.dicom.identity import read_file_meta, read_header, read_meta_values
 from pacscli.dicom.transcode import convert, fix_odd_fragments, write_part10
 from pacscli.dicom.uids import clean_uid
 from pacscli.errors import InvalidDicomError, NetworkError, PacsError, UsageError
-from pacscli.net.client import ClientAssociation, DatasetFile, request_association
-from pacscli.net.server import AssociationClosed, Context
+from pacscli.net.client import ClientAssociation, request_association
+from pacscli.net.server import AssociationClosed, Context, DatasetFile
 from pacscli.records import Record, failed
 
 log = logging.getLogger(__name__)

@@ -30,7 +30,7 @@ from pacscli.config import Settings, parse_remote
 from pacscli.dicom.identity import read_raw_top_level, seek_dataset
 from pacscli.dicom.transcode import ITEM_TAG, pad_odd_fragments
 from pacscli.errors import InvalidDicomError, NetworkError, UsageError
-from pacscli.net import client
+from pacscli.net import server as net_server
 from pacscli.net import store as net_store
 from pacscli.net.client import ClientAssociation
 from pacscli.net.store import (
@@ -370,7 +370,7 @@ def test_datasets_of_many_pdus_and_batches_arrive_as_stored(tmp_path: Path, monk
     with each command PDU too long for the room kept for it before the dataset's PDUs."""
     if portable:
         monkeypatch.delattr(os, "preadv", raising=False)
-        monkeypatch.setattr(client, "_COMMAND_ROOM", 16)
+        monkeypatch.setattr(net_server, "_COMMAND_ROOM", 16)
     step = 4096 - 6
     batch = 1024 * 1024 // step * step
     sizes = [2 * batch, 2 * batch + 1000, 10 * step, 6598, 2 * batch + step]
