@@ -21,7 +21,8 @@ from pynetdicom.pdu_primitives import A_ASSOCIATE, MaximumLengthNotification
 from pynetdicom.presentation import build_context
 from pynetdicom.sop_class import Verification
 
-from pacscli.net.dimse import C_STORE_RQ, HAS_DATASET, encode_command
+from pacscli.dicom.identity import seek_dataset
+from pacscli.net.dimse import C_STORE_RQ, HAS_DATASET, decode_command, encode_command
 from tests.conftest import Server, pacs_cmd, start_server, testdata
 
 
@@ -117,6 +118,33 @@ def test_peer_vanishing_mid_dataset_leaves_nothing(server: Server) -> None:
     assoc = ae.associate("127.0.0.1", server.port, ae_title="PACSCLI")
     assert assoc.is_established
     assoc.release()
+
+
+def test_two_messages_in_one_p_data_pdu_are_both_served(tmp_path: Path, server: Server) -> None:
+    """PDVs of the next message after the end of one, in the same P-DATA PDU (allowed by
+    PS3.8, unusual in practice): both C-STOREs are stored and answered, in order."""
+    sop_uids = ["1.2.826.0.1.3680043.2.1125.91.1", "1.2.826.0.1.3680043.2.1125.91.2"]
+    pdvs = b""
+    for sop_uid in sop_uids:
+        ds = pydicom.dcmread(testdata("explicit_le"))
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = sop_uid
+        ds.save_as(tmp_path / "one.dcm")
+        with open(tmp_path / "one.dcm", "rb") as fp:
+            seek_dataset(fp)
+            dataset = fp.read()
+        for control, data in ((0x03, store_command(sop_uid)), (0x02, dataset)):
+            pdvs += struct.pack(">IBB", len(data) + 2, 1, control) + data
+    sock = raw_associate(server.port)
+    sock.sendall(struct.pack(">BBI", 0x04, 0, len(pdvs)) + pdvs)
+    answered = []
+    for _ in sop_uids:
+        pdu_type, body = read_pdu(sock)
+        assert pdu_type == 0x04
+        command = decode_command(body[6:])
+        answered.append((command.get("AffectedSOPInstanceUID"), command.number("Status")))
+    sock.close()
+    assert answered == [(uid, 0) for uid in sop_uids]
+    assert sorted(p.stem for p in (server.archive / "studies").rglob("*.dcm")) == sop_uids
 
 
 def test_association_limit_rejects_transiently(tmp_path: Path) -> None:
