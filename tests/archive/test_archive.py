@@ -2,17 +2,21 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
+import os
 import sqlite3
 import subprocess
 from pathlib import Path
 
 import pydicom
+import pytest
 
 from pacscli.archive.archive import Archive
 from pacscli.archive.index import MIGRATIONS, SCHEMA_VERSION, Index
 from pacscli.config import StorageSettings
 from pacscli.dicom.identity import seek_dataset
+from pacscli.errors import OutOfResourcesError
 from tests.conftest import pacs_cmd, testdata
 
 
@@ -129,3 +133,25 @@ def test_schema_2_index_is_migrated_keeping_its_rows(tmp_path: Path) -> None:
     columns = {r[1] for r in index.connection().execute("PRAGMA table_info(instances)")}
     assert "content_sha256" not in columns
     index.close()
+
+
+@pytest.mark.parametrize("failing", ["fdatasync", "replace"])
+def test_a_failed_sync_or_rename_commits_no_row(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                failing: str) -> None:
+    """The rows are written while the data flushes; when the flush or the rename fails (an
+    I/O error), they are rolled back: out of resources, nothing indexed, nothing placed."""
+    archive = Archive(tmp_path / "archive")
+    data, syntax, sop_uid = _dataset_bytes(testdata("explicit_le"))
+
+    def broken(*args: object) -> None:
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(os, failing, broken)
+    with pytest.raises(OutOfResourcesError):
+        archive.put_received(data, transfer_syntax=syntax, source_aet="CT1")
+    monkeypatch.undo()
+    assert archive.index.lookup(sop_uid) is None
+    assert instance_files(archive.root) == []
+    assert not [p for p in archive.staging.iterdir() if p.stat().st_size]  # no staged data left
+    assert archive.put_received(data, transfer_syntax=syntax, source_aet="CT1").outcome == "stored"
+    archive.close()
