@@ -210,7 +210,6 @@ class Archive:
                 synced = self._sync_later(staged)
                 stored = StoredFile(path=relpath, size=staged.size, sha256=staged.sha256(),
                                     received_at=staged.mtime, source_aet=source_aet)
-
                 placed = False
 
                 def place() -> None:
@@ -229,11 +228,10 @@ class Archive:
                     if placed and (outcome == "stored" or moved):
                         final.unlink(missing_ok=True)  # keep files and index in agreement
                     raise ArchiveError(f"cannot index {info.sop_uid}: {exc}") from exc
-                sha256 = stored.sha256
                 if moved and outcome == "replaced" and existing is not None:
                     # Now that the index names the new file, the old one leaves studies/.
                     self._set_aside(self.abspath(existing.path), info.sop_uid, move=True)
-                return PutResult(info, final, outcome, staged.size, sha256)
+                return PutResult(info, final, outcome, staged.size, stored.sha256)
         finally:
             staged.discard()
 
