@@ -21,7 +21,6 @@ from pydicom.uid import UID
 from pacscli.archive.archive import Archive
 from pacscli.archive.query import RetrieveItem, find, instances_for_retrieve
 from pacscli.config import Settings
-from pacscli.dicom.identity import seek_dataset
 from pacscli.dicom.query import InvalidQueryError
 from pacscli.errors import PacsError
 from pacscli.net.dimse import (
@@ -321,9 +320,7 @@ def _get_one(assoc: Association, item: RetrieveItem) -> str:
         if convert:
             dataset: bytes | OutgoingDataset = _convert(item, store_context.transfer_syntax)
         else:
-            with open(item.path, "rb") as source:
-                offset = seek_dataset(source)
-            dataset = assoc.open_dataset(store_context.id, DatasetFile(item.path, offset))
+            dataset = assoc.open_dataset(store_context.id, DatasetFile(item.path))
     except (OSError, PacsError, ValueError) as exc:
         log.error("C-GET: cannot read %s: %s", item.path, exc)
         return "failed"

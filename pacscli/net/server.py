@@ -39,6 +39,7 @@ from pynetdicom.pdu_primitives import (
 from pynetdicom.presentation import PresentationContext
 
 from pacscli import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
+from pacscli.dicom.identity import seek_dataset
 from pacscli.net.dimse import C_CANCEL_RQ, Command, CommandError, decode_command
 
 log = logging.getLogger(__name__)
@@ -172,10 +173,11 @@ class ReceivedDataset:
 
 @dataclass(frozen=True)
 class DatasetFile:
-    """A dataset to send from a file: its bytes from `offset` (after the file meta) to the end."""
+    """A dataset to send from a Part 10 file: its bytes from `offset` to the end; without
+    an offset, from the end of the file meta, found when the file is opened."""
 
     path: Path
-    offset: int
+    offset: int | None = None
 
 
 class OutgoingDataset:
@@ -186,8 +188,9 @@ class OutgoingDataset:
         self.dataset = dataset
         self.context_id = context_id
         self.source = source
-        self.position = dataset.offset
-        self.remaining = os.fstat(source.fileno()).st_size - dataset.offset
+        offset = dataset.offset if dataset.offset is not None else seek_dataset(source)
+        self.position = offset
+        self.remaining = os.fstat(source.fileno()).st_size - offset
         self.end = 0
 
 
@@ -302,7 +305,8 @@ class Association:
 
     def open_dataset(self, context_id: int, dataset: DatasetFile) -> OutgoingDataset:
         """Open a dataset file and read its first batch of PDUs, before anything is sent:
-        whatever is wrong with the file (OSError) shows before the message starts."""
+        whatever is wrong with the file (OSError, or InvalidDicomError for a file meta that
+        cannot be read) shows before the message starts."""
         source = open(dataset.path, "rb")  # noqa: SIM115 - closed once sent
         try:
             outgoing = OutgoingDataset(dataset, context_id, source)

@@ -28,7 +28,7 @@ from pynetdicom.presentation import PresentationContext
 from pynetdicom.status import STORAGE_SERVICE_CLASS_STATUS
 
 from pacscli.config import Remote, Settings
-from pacscli.dicom.identity import read_file_meta, read_header, read_meta_values, read_raw_top_level
+from pacscli.dicom.identity import read_header, read_meta_values, read_raw_top_level
 from pacscli.dicom.transcode import convert, fix_odd_fragments, write_part10
 from pacscli.dicom.uids import clean_uid
 from pacscli.errors import InvalidDicomError, NetworkError, PacsError, UsageError
@@ -327,15 +327,6 @@ def _rewrite(instance: Instance, accepted: Collection[str], dest: Path) -> Recor
     return fields
 
 
-def _dataset_offset(path: Path) -> int:
-    """Where the dataset of a file we wrote starts."""
-    try:
-        with open(path, "rb") as fp:
-            return read_file_meta(fp)[1]
-    except OSError as exc:
-        raise InvalidDicomError(f"cannot read {path}: {exc.strerror or exc}") from exc
-
-
 def _as_stored(assoc: ClientAssociation, instance: Instance | None) -> tuple[Context, DatasetFile] | None:
     """The context and dataset of an instance that goes out as its bytes on disk, for the
     association to read ahead; None for one that must be rewritten first."""
@@ -364,7 +355,7 @@ def _send_one(assoc: ClientAssociation, instance: Instance, remote: Remote, work
             fields = _rewrite(instance, accepted, temp)
         context = assoc.context_for(instance.sop_class, str(fields["transfer_syntax"]))
         assert context is not None  # _rewrite picked an accepted syntax
-        offset = instance.dataset_offset if temp is None else _dataset_offset(temp)
+        offset = instance.dataset_offset if temp is None else None  # a rewrite: found on opening
         response = assoc.c_store(context, instance.sop_uid, DatasetFile(path, offset),
                                  upcoming=_as_stored(assoc, upcoming))
     except PacsError as exc:
