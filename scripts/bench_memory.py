@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import shutil
 import sqlite3
 import struct
 import sys
@@ -47,9 +46,9 @@ from scripts.bench_serve import (
     install_cleanup,
     make_tmp,
     require_tools,
+    run_in,
     run_timed,
     start_pacs_serve,
-    stop_all,
 )
 
 MULTIFRAME_WORD_SC = "1.2.840.10008.5.1.4.1.1.7.3"  # Multi-frame Grayscale Word SC Image Storage
@@ -189,7 +188,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     install_cleanup()
 
     work = make_tmp(args.tmp, "bench-memory-")
-    try:
+
+    def measure() -> int:
         big = work / "big.dcm"
         t0 = time.perf_counter()
         size = write_big_instance(big, args.frames)
@@ -256,15 +256,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             print("CHECK FAILED: " + "; ".join(problems))
             return 2
         return 0 if met else 1
-    except RuntimeError as exc:
-        print(f"bench_memory: error: {exc}", file=sys.stderr)
-        return 2
-    finally:
-        stop_all()
-        if args.keep:
-            print(f"kept {work}")
-        else:
-            shutil.rmtree(work, ignore_errors=True)
+
+    return run_in(work, args.keep, "bench_memory", measure)
 
 
 if __name__ == "__main__":

@@ -41,7 +41,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
@@ -342,6 +342,23 @@ def median_run(runs: list[TimedT]) -> TimedT:
     return ordered[(len(ordered) - 1) // 2]
 
 
+def run_in(work: Path, keep: bool, name: str, measure: Callable[[], int]) -> int:
+    """A benchmark's exit status from `measure`, run with its working folder `work`: an error
+    (RuntimeError) is status 2 with its message; servers are stopped and the folder removed
+    (or kept) after, whatever happens."""
+    try:
+        return measure()
+    except RuntimeError as exc:
+        print(f"{name}: error: {exc}", file=sys.stderr)
+        return 2
+    finally:
+        stop_all()
+        if keep:
+            print(f"kept {work}")
+        else:
+            shutil.rmtree(work, ignore_errors=True)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
     parser.add_argument("--count", type=int, default=1000, help="CT images to send (default 1000)")
@@ -359,7 +376,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     install_cleanup()
 
     work = make_tmp(args.tmp, "bench-serve-")
-    try:
+
+    def measure() -> int:
         t0 = time.perf_counter()
         paths = make_ct_series(work / "data", args.count)
         size = tree_bytes(paths)
@@ -412,15 +430,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"check: all {args.count} arrived on both sides in every run "
               f"(storescp files; pacs files, index rows and ok records)")
         return 0 if met else 1
-    except RuntimeError as exc:
-        print(f"bench_serve: error: {exc}", file=sys.stderr)
-        return 2
-    finally:
-        stop_all()
-        if args.keep:
-            print(f"kept {work}")
-        else:
-            shutil.rmtree(work, ignore_errors=True)
+
+    return run_in(work, args.keep, "bench_serve", measure)
 
 
 if __name__ == "__main__":

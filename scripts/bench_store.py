@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import subprocess
 import sys
 import time
@@ -48,9 +47,9 @@ from scripts.bench_serve import (
     median_run,
     ok_records,
     require_tools,
+    run_in,
     run_timed,
     start_storescp,
-    stop_all,
     stop_process,
     storescu,
     tree_bytes,
@@ -167,10 +166,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     install_cleanup()
 
     work = make_tmp(args.tmp, "bench-store-")
-    dcmtk_runs: list[Run] = []
-    pacs_runs: list[Run] = []
-    pacs_error: str | None = None
-    try:
+
+    def measure() -> int:
+        dcmtk_runs: list[Run] = []
+        pacs_runs: list[Run] = []
+        pacs_error: str | None = None
         t0 = time.perf_counter()
         paths = make_ct_series(work / "data", args.count)
         mb = tree_bytes(paths) / 1e6
@@ -235,15 +235,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"check: all {args.count} arrived at storescp from both senders in every run "
               f"(files; pacs store exit 0 and ok records)")
         return 0 if met else 1
-    except RuntimeError as exc:
-        print(f"bench_store: error: {exc}", file=sys.stderr)
-        return 2
-    finally:
-        stop_all()
-        if args.keep:
-            print(f"kept {work}")
-        else:
-            shutil.rmtree(work, ignore_errors=True)
+
+    return run_in(work, args.keep, "bench_store", measure)
 
 
 if __name__ == "__main__":
