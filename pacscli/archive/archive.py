@@ -29,7 +29,7 @@ from typing import Any
 
 from pacscli.archive import layout
 from pacscli.archive.index import Index, InstanceRow, StoredFile
-from pacscli.archive.staging import StagingFolder
+from pacscli.archive.staging import StagingFolder, start_writeback
 from pacscli.config import StorageSettings
 from pacscli.dicom.header import BytesLike
 from pacscli.dicom.identity import InstanceInfo, read_instance_info, read_received_info, seek_dataset
@@ -46,6 +46,8 @@ log = logging.getLogger(__name__)
 _CHUNK = 1024 * 1024
 # Below this, hashing in the calling thread costs less than handing the work to another.
 _HASH_IN_THREAD = 256 * 1024
+# A file received while it arrives has its writeback started each time this much more is in.
+_WRITEBACK_STEP = 128 * 1024
 # Errors that mean "no room or the device failed": reported as out of resources (0xA700).
 _RESOURCE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EIO, errno.EROFS}
 
@@ -175,22 +177,65 @@ class Archive:
         header = self._file_meta_bytes(info, source_aet) if rewrite_meta else None
         return self._put(info, source, header, source_aet if rewrite_meta else info.source_aet)
 
+    def begin_received(self, *, sop_class_uid: str, sop_uid: str, transfer_syntax: str,
+                       source_aet: str | None) -> ReceivingFile | None:
+        """A staging file to write a dataset into while it arrives (`pacs serve`), under the
+        file meta its C-STORE command predicts. `put_received` takes it when the dataset's
+        own UIDs match that file meta, and stages the dataset anew otherwise.
+
+        Writing while receiving, and starting the writeback as it goes, takes the write
+        and most of the flush off the time between the last fragment and the answer.
+        None when no staging file can be had: the put then stages as usual and reports.
+        """
+        try:
+            header = part10_header(sop_class_uid=sop_class_uid, sop_instance_uid=sop_uid,
+                                   transfer_syntax=transfer_syntax, source_aet=source_aet)
+            fd, path = self._staging_folder.new_file()
+        except (OSError, ValueError, UnicodeError):
+            return None
+        receiving = ReceivingFile(path, fd, header,
+                                  writeback=self.storage.durability == "fsync")
+        receiving.write_through(header)
+        return receiving
+
     def put_received(self, dataset: BytesLike | Path, *, transfer_syntax: str,
-                     source_aet: str | None) -> PutResult:
+                     source_aet: str | None, receiving: ReceivingFile | None = None) -> PutResult:
         """Put a dataset received over the network (its bytes, or a raw dataset file without
         file meta) into the archive, under our own file meta naming the sending AE.
 
-        The dataset bytes are stored exactly as received. Raises as `put` does.
+        `receiving` is the file `begin_received` gave for it, already holding the dataset
+        bytes; it is used when it holds exactly the file this put would write, and
+        removed otherwise. The dataset bytes are stored exactly as received. Raises as
+        `put` does.
         """
-        info = read_received_info(dataset, transfer_syntax)
-        return self._put(info, dataset, self._file_meta_bytes(info, source_aet), source_aet)
+        try:
+            info = read_received_info(dataset, transfer_syntax)
+            header = self._file_meta_bytes(info, source_aet)
+        except BaseException:
+            if receiving is not None:
+                receiving.discard()
+            raise
+        staged: _Staged | None = None
+        if receiving is not None:
+            if isinstance(dataset, BytesLike) and receiving.holds(header, len(dataset)):
+                staged = receiving.staged()
+            else:
+                receiving.discard()
+        return self._put(info, dataset, header, source_aet, staged)
 
     def _put(self, info: InstanceInfo, source: BytesLike | Path, header: bytes | None,
-             source_aet: str | None) -> PutResult:
-        """Stage, settle duplicates and conflicts, place and index one instance."""
-        relpath = layout.instance_relpath(info.study_uid, info.series_uid, info.sop_uid)
+             source_aet: str | None, staged: _Staged | None = None) -> PutResult:
+        """Stage (unless `staged` already holds the file), settle duplicates and conflicts,
+        place and index one instance."""
+        try:
+            relpath = layout.instance_relpath(info.study_uid, info.series_uid, info.sop_uid)
+        except BaseException:
+            if staged is not None:
+                staged.discard()
+            raise
         final = self.root / relpath
-        staged = self._stage(source, info, header)
+        if staged is None:
+            staged = self._stage(source, info, header)
         try:
             with self._instance_lock(info.sop_uid):  # settle, place and index as one step
                 existing = self.index.lookup(info.sop_uid)
@@ -485,6 +530,50 @@ class _Staged:
         self.close()
         self.path.unlink(missing_ok=True)
         self.sha256()
+
+
+class ReceivingFile(_Staged):
+    """A staging file written while its dataset arrives: the predicted file meta, then
+    each fragment as it comes (see `Archive.begin_received`).
+
+    A write error (disk full) is kept, not raised: the sender's stream must be read to its
+    end anyway, and the put then stages the dataset the usual way, which reports it.
+    """
+
+    def __init__(self, path: Path, fd: int, header: bytes, *, writeback: bool) -> None:
+        super().__init__(path, fd)
+        self.header = header
+        self.error: OSError | None = None
+        self._writeback = writeback
+        self._written_back = 0  # bytes whose writeback has been started
+        self._hash = hashlib.sha256()
+
+    def write_through(self, data: BytesLike) -> None:
+        """Append a fragment, starting the writeback of what is in once enough has come."""
+        if self.error is not None:
+            return
+        self._hash.update(data)
+        try:
+            self.write(data)
+            if self._writeback and self.size - self._written_back >= _WRITEBACK_STEP:
+                assert self.fd is not None
+                start_writeback(self.fd, self._written_back, self.size - self._written_back)
+                self._written_back = self.size
+        except OSError as exc:
+            self.error = exc
+
+    def holds(self, header: bytes, dataset_size: int) -> bool:
+        """Whether the file is exactly `header` and a dataset of `dataset_size` bytes."""
+        return (self.error is None and self.fd is not None and header == self.header
+                and self.size == len(header) + dataset_size)
+
+    def staged(self) -> _Staged:
+        """This file, complete, as the put's staged file."""
+        assert self.fd is not None
+        digest = self._hash.hexdigest()
+        self.sha256 = lambda: digest
+        self.mtime = os.fstat(self.fd).st_mtime
+        return self
 
 
 def _sha256(parts: Sequence[BytesLike]) -> str:

@@ -12,7 +12,7 @@ from collections.abc import Callable, Iterator
 
 from pydicom.uid import AllTransferSyntaxes
 
-from pacscli.archive.archive import Archive
+from pacscli.archive.archive import Archive, ReceivingFile
 from pacscli.archive.query import RetrieveItem
 from pacscli.config import Settings
 from pacscli.errors import InvalidDicomError, OutOfResourcesError, PacsError, UsageError
@@ -29,7 +29,16 @@ from pacscli.net.dimse import (
     encode_command,
 )
 from pacscli.net.scp_qr import MODELS, QR_TRANSFER_SYNTAXES, handle_find, handle_get, handle_move
-from pacscli.net.server import Association, AssociationServer, Context, ReceivedDataset, ServerConfig, Service
+from pacscli.net.server import (
+    Association,
+    AssociationServer,
+    Context,
+    DatasetSink,
+    ReceivedDataset,
+    ServerConfig,
+    Service,
+    SinkFactory,
+)
 from pacscli.net.sop_classes import storage_sop_classes
 from pacscli.records import Record, failed
 
@@ -68,8 +77,9 @@ def store_received(archive: Archive, assoc: Association, context: Context, comma
         if dataset.error is not None:
             raise OutOfResourcesError(
                 f"cannot receive into the archive: {dataset.error.strerror or dataset.error}")
+        receiving = dataset.sink if isinstance(dataset.sink, ReceivingFile) else None
         result = archive.put_received(dataset.content(), transfer_syntax=context.transfer_syntax,
-                                      source_aet=assoc.calling_aet)
+                                      source_aet=assoc.calling_aet, receiving=receiving)
     except OutOfResourcesError as exc:
         log.error("out of resources storing %s: %s", base["SOPInstanceUID"], exc.message)
         return STATUS_OUT_OF_RESOURCES, failed(exc, **base, dimse_status=STATUS_OUT_OF_RESOURCES)
@@ -98,6 +108,21 @@ def handle_store(archive: Archive, emit: RecordSink) -> Service:
             archive.prepare_staging()  # for the next instance, in place of the file just used
 
     return service
+
+
+def receive_into_archive(archive: Archive) -> SinkFactory:
+    """Write each C-STORE dataset into an archive staging file while it arrives (see
+    `Archive.begin_received`); other messages' datasets stay in memory only."""
+
+    def sink(assoc: Association, context: Context, command: Command) -> DatasetSink | None:
+        if command.field != C_STORE_RQ:
+            return None
+        return archive.begin_received(
+            sop_class_uid=command.get("AffectedSOPClassUID"),
+            sop_uid=command.get("AffectedSOPInstanceUID"),
+            transfer_syntax=context.transfer_syntax, source_aet=assoc.calling_aet)
+
+    return sink
 
 
 def send_for_move(settings: Settings, destination_aet: str,
@@ -134,7 +159,8 @@ class DicomServer:
             C_MOVE_RQ: handle_move(settings, archive, send_for_move),
             C_GET_RQ: handle_get(settings, archive),
         }
-        self.server = AssociationServer(config, services, archive.staging)
+        self.server = AssociationServer(config, services, archive.staging,
+                                        dataset_sink=receive_into_archive(archive))
 
     def start(self, bind: str, port: int) -> tuple[str, int]:
         """Start listening in the background; return the bound address."""

@@ -12,11 +12,11 @@ from pathlib import Path
 import pydicom
 import pytest
 
-from pacscli.archive.archive import Archive
+from pacscli.archive.archive import Archive, ReceivingFile
 from pacscli.archive.index import MIGRATIONS, SCHEMA_VERSION, Index
 from pacscli.config import StorageSettings
 from pacscli.dicom.identity import seek_dataset
-from pacscli.errors import OutOfResourcesError
+from pacscli.errors import InvalidDicomError, OutOfResourcesError
 from tests.conftest import pacs_cmd, testdata
 
 
@@ -154,4 +154,71 @@ def test_a_failed_sync_or_rename_commits_no_row(tmp_path: Path, monkeypatch: pyt
     assert instance_files(archive.root) == []
     assert not [p for p in archive.staging.iterdir() if p.stat().st_size]  # no staged data left
     assert archive.put_received(data, transfer_syntax=syntax, source_aet="CT1").outcome == "stored"
+    archive.close()
+
+
+def _receive(archive: Archive, data: bytes, *, syntax: str, sop_class: str, sop_uid: str,
+             fragment: int = 100_000) -> ReceivingFile:
+    """What serve does while a C-STORE dataset arrives: write it through, fragment by fragment."""
+    receiving = archive.begin_received(sop_class_uid=sop_class, sop_uid=sop_uid,
+                                       transfer_syntax=syntax, source_aet="CT1")
+    assert receiving is not None
+    for start in range(0, len(data), fragment):
+        receiving.write_through(memoryview(data)[start:start + fragment])
+    return receiving
+
+
+def test_a_dataset_written_while_it_arrives_becomes_the_archived_file(tmp_path: Path) -> None:
+    """When the command named the dataset's own UIDs, the file written during the receive
+    is the one renamed into place (same inode), byte for byte what a plain put writes."""
+    archive = Archive(tmp_path / "archive")
+    data, syntax, sop_uid = _dataset_bytes(testdata("explicit_le"))
+    sop_class = str(pydicom.dcmread(testdata("explicit_le")).SOPClassUID)
+    receiving = _receive(archive, data, syntax=syntax, sop_class=sop_class, sop_uid=sop_uid)
+    inode = os.stat(receiving.path).st_ino
+    result = archive.put_received(data, transfer_syntax=syntax, source_aet="CT1",
+                                  receiving=receiving)
+    assert result.outcome == "stored"
+    assert os.stat(result.path).st_ino == inode
+    plain = Archive(tmp_path / "plain")
+    assert result.path.read_bytes() == plain.put_received(
+        data, transfer_syntax=syntax, source_aet="CT1").path.read_bytes()
+    assert result.sha256 == hashlib.sha256(result.path.read_bytes()).hexdigest()
+    receiving.discard()  # as serve does once the message is answered: the placed file stays
+    assert result.path.exists()
+    assert not [p for p in archive.staging.iterdir() if p.stat().st_size]
+    plain.close()
+    archive.close()
+
+
+@pytest.mark.parametrize("case", ["other-uid", "short", "write-error", "not-dicom", "duplicate"])
+def test_a_written_through_file_that_does_not_fit_is_dropped(tmp_path: Path, case: str) -> None:
+    """A command naming another instance than its dataset (dirty devices), a file that
+    missed bytes or could not be written (disk full): the put stages the dataset anew.
+    A dataset that cannot be stored, or a duplicate: nothing of it stays in staging."""
+    archive = Archive(tmp_path / "archive")
+    data, syntax, sop_uid = _dataset_bytes(testdata("explicit_le"))
+    sop_class = str(pydicom.dcmread(testdata("explicit_le")).SOPClassUID)
+    if case == "duplicate":
+        archive.put_received(data, transfer_syntax=syntax, source_aet="CT1")
+    receiving = _receive(archive, data if case != "short" else data[:-2], syntax=syntax,
+                         sop_class=sop_class, sop_uid="1.2.999" if case == "other-uid" else sop_uid)
+    if case == "write-error":
+        receiving.error = OSError(errno.ENOSPC, "No space left on device")
+    held = tmp_path / "held"  # a second name keeps the inode from being reused
+    os.link(receiving.path, held)
+    if case == "not-dicom":
+        with pytest.raises(InvalidDicomError):
+            archive.put_received(b"\x00" * 64, transfer_syntax=syntax, source_aet="CT1",
+                                 receiving=receiving)
+        assert instance_files(archive.root) == []
+    else:
+        result = archive.put_received(data, transfer_syntax=syntax, source_aet="CT1",
+                                      receiving=receiving)
+        assert result.outcome == ("duplicate" if case == "duplicate" else "stored")
+        assert os.stat(result.path).st_ino != os.stat(held).st_ino
+        assert pydicom.dcmread(result.path).file_meta.MediaStorageSOPInstanceUID == sop_uid
+        assert result.path.read_bytes().endswith(data)
+    assert not receiving.path.exists() and os.stat(held).st_nlink == 1
+    assert not [p for p in archive.staging.iterdir() if p.stat().st_size]
     archive.close()

@@ -21,8 +21,10 @@ from pynetdicom.pdu_primitives import A_ASSOCIATE, MaximumLengthNotification
 from pynetdicom.presentation import build_context
 from pynetdicom.sop_class import Verification
 
+from pacscli.archive.archive import Archive, ReceivingFile
 from pacscli.dicom.identity import seek_dataset
 from pacscli.net.dimse import C_STORE_RQ, HAS_DATASET, decode_command, encode_command
+from pacscli.net.server import SPILL_THRESHOLD, ReceivedDataset
 from tests.conftest import Server, pacs_cmd, start_server, testdata
 
 
@@ -169,3 +171,48 @@ def test_association_limit_rejects_transiently(tmp_path: Path) -> None:
         assert json.loads(ok.stdout.splitlines()[0])["status"] == "ok"
     finally:
         server.stop()
+
+
+def _received(archive: Archive, data: bytes, fragments: list[int], sop_uid: str) -> ReceivedDataset:
+    """Feed `data` to a ReceivedDataset as PDV fragments of the given sizes, written through
+    to the archive file begun for `sop_uid`, as the association does."""
+    receiving = archive.begin_received(sop_class_uid=CTImageStorage, sop_uid=sop_uid,
+                                       transfer_syntax=ExplicitVRLittleEndian, source_aet="X")
+    dataset = ReceivedDataset(archive.staging, bytearray(), receiving)
+    source = memoryview(data)
+    for size in fragments:
+        def read_into(view: memoryview) -> None:
+            nonlocal source
+            view[:] = source[:len(view)]
+            source = source[len(view):]
+        dataset.receive(read_into, size)
+    dataset.finish()
+    return dataset
+
+
+def test_a_dataset_in_memory_is_written_through_as_it_arrives(tmp_path: Path) -> None:
+    """Fragments larger than a step are handed on in steps; the sink's file is the header
+    followed by exactly the dataset's bytes, and discarding the message leaves no file."""
+    archive = Archive(tmp_path / "archive")
+    data = bytes(range(256)) * 2000  # 512,000 bytes, several steps
+    dataset = _received(archive, data, [100, len(data) - 100], "1.2.3")
+    receiving = dataset.sink
+    assert isinstance(receiving, ReceivingFile)
+    assert dataset.content() == data
+    assert receiving.path.read_bytes() == receiving.header + data
+    dataset.discard()
+    assert not receiving.path.exists()
+    archive.close()
+
+
+def test_a_dataset_spilled_to_a_file_drops_its_sink(tmp_path: Path) -> None:
+    """A dataset past the in-memory threshold goes to its spill file only."""
+    archive = Archive(tmp_path / "archive")
+    data = b"\x01" * (SPILL_THRESHOLD + 10)
+    dataset = _received(archive, data, [SPILL_THRESHOLD, 10], "1.2.4")
+    assert dataset.sink is None
+    spilled = dataset.content()
+    assert isinstance(spilled, Path) and spilled.stat().st_size == len(data)
+    dataset.discard()
+    assert not [p for p in archive.staging.iterdir() if p.stat().st_size]
+    archive.close()
