@@ -23,8 +23,6 @@ from typing import Any, BinaryIO
 import pydicom
 from pydicom.datadict import tag_for_keyword
 from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
-from pynetdicom import build_context
-from pynetdicom.presentation import PresentationContext
 from pynetdicom.status import STORAGE_SERVICE_CLASS_STATUS
 
 from pacscli.config import Remote, Settings
@@ -33,6 +31,7 @@ from pacscli.dicom.transcode import convert, fix_odd_fragments, write_part10
 from pacscli.dicom.uids import clean_uid
 from pacscli.errors import InvalidDicomError, NetworkError, PacsError, UsageError
 from pacscli.net.client import ClientAssociation, request_association
+from pacscli.net.pdu import PresentationContext
 from pacscli.net.server import AssociationClosed, Context, DatasetFile
 from pacscli.records import Record, failed
 
@@ -253,7 +252,7 @@ def _needs(instances: Iterable[Instance]) -> dict[str, set[str]]:
 
 def contexts_for(instances: Iterable[Instance]) -> list[PresentationContext]:
     """The presentation contexts to propose for sending `instances`."""
-    return [build_context(sop_class, group)
+    return [PresentationContext(abstract_syntax=sop_class, transfer_syntax=list(group))
             for sop_class, syntaxes in sorted(_needs(instances).items())
             for group in syntax_groups(syntaxes)]
 
