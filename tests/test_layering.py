@@ -54,6 +54,14 @@ def test_help_loads_no_dicom_library() -> None:
     assert not {"pydicom", "pynetdicom", "numpy"} & modules
 
 
+def test_the_store_path_loads_no_dicom_library() -> None:
+    """`pacs store` loads pydicom only to rewrite a file, and pynetdicom never: the modules on
+    its path (and the acceptor's framing it shares) import neither."""
+    modules = loaded_after("import pacscli.net.store, pacscli.net.client, pacscli.net.server, "
+                           "pacscli.net.pdu, pacscli.dicom.identity, pacscli.cli.store")
+    assert not {"pydicom", "pynetdicom", "numpy", "tqdm", "rich"} & modules
+
+
 def test_generated_docs_are_current() -> None:
     """completions/ and man/ match the commands (regenerate: python scripts/gen_docs.py)."""
     sys.path.insert(0, str(ROOT))

@@ -211,11 +211,22 @@ def progress_bar(unit: str = "file") -> tuple[Callable[[int, int], None] | None,
     return progress, close
 
 
+class _QuietPydicom(logging.Filter):
+    """Drops pydicom's log records below CRITICAL (its own and its modules' loggers)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno >= logging.CRITICAL or record.name.partition(".")[0] != "pydicom"
+
+
 def quiet_pydicom(verbose: int) -> None:
     """Silence pydicom's warnings about odd values of dirty files unless -v: the records say
-    what matters. Call after pydicom's import, which sets its own logger's level."""
+    what matters. Call after setup_logging; pydicom may be imported before or after (`pacs
+    store` loads it only for a file it rewrites), as its import resets its logger's level:
+    the filter sits on our handlers instead."""
     if not verbose:
         import warnings
 
-        logging.getLogger("pydicom").setLevel(logging.CRITICAL)
+        quiet = _QuietPydicom()
+        for handler in logging.getLogger().handlers:
+            handler.addFilter(quiet)
         warnings.filterwarnings("ignore", module=r"pydicom(\.|$)")

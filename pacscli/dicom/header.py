@@ -156,6 +156,14 @@ def collect_top_level(data: BytesLike, start: int, implicit: bool, wanted: froze
     repeats (as pydicom keeps). `complete` says data holds the whole dataset; when it is
     only a head, NeedMore asks for more. Raises Unusual for anything out of the common case.
     """
+    return walk_top_level(data, start, implicit, wanted, complete=complete, vr_of=vr_of)[0]
+
+
+def walk_top_level(data: BytesLike, start: int, implicit: bool, wanted: frozenset[int], *,
+                   complete: bool, vr_of: VrLookup) -> tuple[dict[int, tuple[bytes, bytes]], int]:
+    """`collect_top_level`, and where the header ends in data: at the first element of group
+    0x7FE0 or above, or at the end of a dataset without one (where pydicom's reader, told to
+    stop before the pixel data, leaves its file)."""
     walk = _Walk(data, implicit, complete, vr_of)
     # pydicom checks the first element's VR bytes and switches encoding when they disagree
     # with the transfer syntax.
@@ -168,11 +176,11 @@ def collect_top_level(data: BytesLike, start: int, implicit: bool, wanted: froze
     pos = start
     while True:
         if pos == size and complete:
-            return found  # a dataset without pixel data
+            return found, pos  # a dataset without pixel data
         tag, vr, length, value = walk.header(pos)
         group = tag >> 16
         if group >= _PIXEL_DATA_GROUP:
-            return found
+            return found, pos
         if vr is None:
             raise Unusual(f"unknown VR in ({group:04X},{tag & 0xFFFF:04X})")
         if group == 0x0002:  # file meta in the dataset: the meta and dataset disagree

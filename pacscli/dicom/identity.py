@@ -7,33 +7,53 @@ Two readers give the same InstanceInfo: in the common case (little endian, plain
 values, pydicom's default settings) the element walker of `pacscli.dicom.header` and the
 value conversions at the end of this module, about ten times faster; for everything else,
 and for every error, pydicom (`_pydicom_instance_info`, `_pydicom_received_info`).
+
+pydicom is imported only on its paths: the fast path takes what it needs of pydicom's
+dictionaries from constant tables (`attributes`, `dictionary`, `uids`), so that `pacs store`
+and `pacs serve` read common files without loading it (~0.3 s of start-up).
 """
 
 from __future__ import annotations
 
 import re
 import struct
+import sys
 import zlib
 from collections.abc import Callable
 from io import BytesIO
 from pathlib import Path
-from typing import Any, BinaryIO
+from types import ModuleType
+from typing import TYPE_CHECKING, Any, BinaryIO
 
-import pydicom
-from pydicom import config as pydicom_config
-from pydicom.charset import python_encoding
-from pydicom.datadict import dictionary_VR, tag_for_keyword
-from pydicom.errors import InvalidDicomError as PydicomInvalidDicomError
-from pydicom.filereader import _read_file_meta_info, read_dataset, read_preamble
-
+from pacscli.dicom.attributes import ATTRIBUTE_TAGS, tag_of
 from pacscli.dicom.attributes import INDEXED_ATTRIBUTES as INDEXED_ATTRIBUTES
 from pacscli.dicom.attributes import InstanceInfo as InstanceInfo
-from pacscli.dicom.header import KNOWN_VRS, LONG_VRS, BytesLike, NeedMore, Unusual, collect_top_level
-from pacscli.dicom.uids import clean_uid, require_safe_uid
+from pacscli.dicom.dictionary import CHARACTER_SET_TERMS, dictionary_vr
+from pacscli.dicom.header import (
+    KNOWN_VRS,
+    LONG_VRS,
+    BytesLike,
+    NeedMore,
+    Unusual,
+    collect_top_level,
+    walk_top_level,
+)
+from pacscli.dicom.uids import (
+    DEFLATED_EXPLICIT_VR_LITTLE_ENDIAN,
+    EXPLICIT_VR_BIG_ENDIAN,
+    IMPLICIT_VR_LITTLE_ENDIAN,
+    TRANSFER_SYNTAXES,
+    clean_uid,
+    require_safe_uid,
+)
 from pacscli.errors import InvalidDicomError
 
-_KEYWORD_TAGS = [(kw, tag_for_keyword(kw)) for kws in INDEXED_ATTRIBUTES.values() for kw in kws]
-_READ_TAGS = [tag for _, tag in _KEYWORD_TAGS] + [tag_for_keyword("SpecificCharacterSet")]
+if TYPE_CHECKING:
+    from pydicom import Dataset
+    from pydicom.dataset import FileMetaDataset
+
+_KEYWORD_TAGS = [(kw, tag_of(kw)) for kws in INDEXED_ATTRIBUTES.values() for kw in kws]
+_READ_TAGS = [tag for _, tag in _KEYWORD_TAGS] + [tag_of("SpecificCharacterSet")]
 _PIXEL_DATA_GROUP = 0x7FE0
 
 
@@ -41,13 +61,17 @@ def _before_pixels(tag: Any, vr: Any, length: int) -> bool:
     return bool(tag.group >= _PIXEL_DATA_GROUP)
 
 
-def read_header(fp: BinaryIO, transfer_syntax: str, *, part10: bool) -> pydicom.Dataset:
-    """The dataset's elements before the pixel data, read from fp (at the dataset start).
+def read_header(fp: BinaryIO, transfer_syntax: str, *, part10: bool) -> Dataset:
+    """The dataset's elements before the pixel data, read from fp (at the dataset start),
+    with pydicom.
 
     Reads on from the file meta already parsed instead of a second dcmread: this runs once
     per received instance. A deflated raw dataset is inflated first; in a Part 10 file,
     deflated and unknown syntaxes take pydicom's full reader.
     """
+    import pydicom
+    from pydicom.filereader import read_dataset
+
     uid = pydicom.uid.UID(transfer_syntax)
     if uid.is_deflated and not part10:
         fp = BytesIO(zlib.decompress(fp.read(), -zlib.MAX_WBITS))
@@ -70,8 +94,12 @@ def _text(value: Any) -> str | None:
     return str(value)
 
 
-def read_file_meta(fp: BinaryIO) -> tuple[pydicom.dataset.FileMetaDataset, int]:
-    """The file meta of a Part 10 file and the offset of its dataset; fp is left there."""
+def read_file_meta(fp: BinaryIO) -> tuple[FileMetaDataset, int]:
+    """The file meta of a Part 10 file and the offset of its dataset, read with pydicom; fp
+    is left there."""
+    from pydicom.errors import InvalidDicomError as PydicomInvalidDicomError
+    from pydicom.filereader import _read_file_meta_info, read_preamble
+
     try:
         read_preamble(fp, False)
         meta = _read_file_meta_info(fp)
@@ -202,7 +230,7 @@ def _pydicom_received_info(dataset: BytesLike | Path, transfer_syntax: str) -> I
                        source_aet=None)
 
 
-def _dataset_attributes(ds: pydicom.Dataset) -> tuple[dict[str, str | None], str | None]:
+def _dataset_attributes(ds: Dataset) -> tuple[dict[str, str | None], str | None]:
     """The indexed attributes and Specific Character Set of a header pydicom parsed."""
     try:
         attributes = {kw: _text(ds[tag].value) if tag in ds else None
@@ -248,49 +276,49 @@ _HEAD = 64 * 1024  # read first from a file: most headers are a few KiB
 _MAX_HEAD = 16 * 1024 * 1024  # a longer header (huge private blobs) is left to pydicom
 _WANTED = frozenset(int(tag) for tag in _READ_TAGS)
 _CHARSET_TAG = 0x00080005
-_TAG_VRS = {int(tag): str(dictionary_VR(tag)) for tag in _READ_TAGS}
+_TAG_VRS = {tag: vr for tag, vr in ATTRIBUTE_TAGS.values() if tag in _WANTED}
 _TAG_VR_BYTES = {tag: vr.encode("ascii") for tag, vr in _TAG_VRS.items()}
-_META_TS, _META_SOP_CLASS, _META_SOP_UID, _META_SOURCE = 0x00020010, 0x00020002, 0x00020003, 0x00020016
+_META_TS, _META_SOP_CLASS, _META_SOP_UID, _META_SOURCE = (
+    tag_of("TransferSyntaxUID"), tag_of("MediaStorageSOPClassUID"), tag_of("MediaStorageSOPInstanceUID"),
+    tag_of("SourceApplicationEntityTitle"))
 
-
-def _fast_syntaxes() -> dict[str, bool]:
-    """Little endian, not deflated transfer syntaxes pydicom knows, and whether each is
-    implicit VR, by pydicom's own flags (read_header uses the same)."""
-    syntaxes = {}
-    for uid, (name, kind, *_) in pydicom.uid.UID_dictionary.items():
-        if kind == "Transfer Syntax" and "Deflate" not in name:
-            syntax = pydicom.uid.UID(uid)
-            if syntax.is_little_endian and not syntax.is_deflated:
-                syntaxes[str(uid)] = bool(syntax.is_implicit_VR)
-    return syntaxes
-
-
-_FAST_SYNTAXES = _fast_syntaxes()
+# Little endian, not deflated transfer syntaxes pydicom knows, and whether each is implicit
+# VR, as pydicom's UID flags have them (read_header uses the same): only Implicit VR Little
+# Endian is implicit, only Explicit VR Big Endian big endian.
+_FAST_SYNTAXES = {uid: uid == IMPLICIT_VR_LITTLE_ENDIAN for uid, name in TRANSFER_SYNTAXES.items()
+                  if "Deflate" not in name
+                  and uid not in (EXPLICIT_VR_BIG_ENDIAN, DEFLATED_EXPLICIT_VR_LITTLE_ENDIAN)}
 _IS_NUMBER = re.compile(r" *[+-]?[0-9]{1,12} *")  # what IS() takes as an int, kept as written
+
+
+def _pydicom_config() -> ModuleType | None:
+    """pydicom's settings module when pydicom is loaded; None when it is not, and its
+    settings are therefore still the defaults."""
+    return sys.modules.get("pydicom.config")
 
 
 def _pydicom_defaults() -> bool:
     """The conversions below are pydicom's under its default settings only."""
-    return (not pydicom_config.datetime_conversion and not pydicom_config.use_IS_numpy
-            and pydicom_config.settings.reading_validation_mode != pydicom_config.RAISE)
+    config = _pydicom_config()
+    return config is None or (not config.datetime_conversion and not config.use_IS_numpy
+                              and config.settings.reading_validation_mode != config.RAISE)
 
 
-def _dictionary_vr(tag: int) -> str | None:
-    try:
-        return str(dictionary_VR(tag))
-    except KeyError:
-        return None
+def _replace_un_with_known_vr() -> bool:
+    """pydicom's replace_un_with_known_vr setting (True by default)."""
+    config = _pydicom_config()
+    return config is None or bool(config.replace_un_with_known_vr)
 
 
 def _collect(fp: BinaryIO, data: bytes, start: int, implicit: bool,
-             wanted: frozenset[int] = _WANTED) -> dict[int, tuple[bytes, bytes]]:
+             wanted: frozenset[int] = _WANTED) -> tuple[dict[int, tuple[bytes, bytes]], int]:
     """Walk the header at data[start:], data being the first bytes of fp (a read of
-    _HEAD bytes, fp left after them); read on when the header is longer."""
+    _HEAD bytes, fp left after them); read on when the header is longer. Returns the
+    walker's values and where in data the header ends."""
     complete = len(data) < _HEAD
     while True:
         try:
-            return collect_top_level(data, start, implicit, wanted, complete=complete,
-                                     vr_of=_dictionary_vr)
+            return walk_top_level(data, start, implicit, wanted, complete=complete, vr_of=dictionary_vr)
         except NeedMore as more:
             want = max(more.end, 2 * len(data))
             if want > _MAX_HEAD:
@@ -307,16 +335,25 @@ def read_raw_top_level(fp: BinaryIO, transfer_syntax: str,
     pydicom keeps. None when the walker does not cover the dataset (a syntax other than
     little endian and not deflated, or anything unusual): the caller then reads it with
     pydicom, whose raw element values are these same bytes. fp is left anywhere."""
+    header = read_raw_header(fp, transfer_syntax, tags)
+    return None if header is None else header[0]
+
+
+def read_raw_header(fp: BinaryIO, transfer_syntax: str,
+                    tags: frozenset[int]) -> tuple[dict[int, bytes], int] | None:
+    """`read_raw_top_level`, and the length of the header from fp's position: up to the
+    first element of group 0x7FE0 or above (the pixel data), or the whole dataset when
+    there is none; where pydicom's reader, stopping before the pixel data, leaves its file."""
     implicit = _FAST_SYNTAXES.get(transfer_syntax)
     if implicit is None:
         return None
     try:
-        raw = _collect(fp, fp.read(_HEAD), 0, implicit, tags)
+        raw, end = _collect(fp, fp.read(_HEAD), 0, implicit, tags)
     except OSError:
         raise
     except Exception:  # Unusual, malformed: pydicom's reader gives the answer
         return None
-    return {tag: value for tag, (_, value) in raw.items()}
+    return {tag: value for tag, (_, value) in raw.items()}, end
 
 
 def _fast_instance_info(path: Path) -> InstanceInfo | None:
@@ -339,7 +376,7 @@ def _fast_instance_info(path: Path) -> InstanceInfo | None:
             implicit = _FAST_SYNTAXES.get(transfer_syntax)
             if implicit is None:
                 return None
-            raw = _collect(fp, data, offset, implicit)
+            raw = _collect(fp, data, offset, implicit)[0]
         attributes, charset = _raw_attributes(raw, implicit)
         meta_sop_class = clean_uid(_meta_text(meta, vrs, _META_SOP_CLASS, b"UI"))
         meta_sop_uid = clean_uid(_meta_text(meta, vrs, _META_SOP_UID, b"UI")) or None
@@ -357,10 +394,10 @@ def _fast_received_info(dataset: BytesLike | Path, transfer_syntax: str) -> Inst
         return None
     try:
         if isinstance(dataset, BytesLike):
-            raw = collect_top_level(dataset, 0, implicit, _WANTED, complete=True, vr_of=_dictionary_vr)
+            raw = collect_top_level(dataset, 0, implicit, _WANTED, complete=True, vr_of=dictionary_vr)
         else:
             with open(dataset, "rb") as fp:
-                raw = _collect(fp, fp.read(_HEAD), 0, implicit)
+                raw = _collect(fp, fp.read(_HEAD), 0, implicit)[0]
         attributes, charset = _raw_attributes(raw, implicit)
     except Exception:  # Unusual, unreadable, malformed: pydicom's reader gives today's answer
         return None
@@ -388,13 +425,13 @@ def _raw_attributes(raw: dict[int, tuple[bytes, bytes]],
             # pydicom converts by the VR as written, except that it reads a short UN value
             # of a known tag by its dictionary VR (as in implicit VR)
             if vr != _TAG_VR_BYTES[tag] and not (vr == b"UN" and len(value) < 0xFFFF
-                                                 and pydicom_config.replace_un_with_known_vr):
+                                                 and _replace_un_with_known_vr()):
                 raise Unusual("an indexed attribute with an unexpected VR")
     charset_value = raw.get(_CHARSET_TAG, (b"", b""))[1]
     charset = _string_text(_ascii(charset_value)) if charset_value else None
     # Plain ASCII decodes alike in every character set pydicom knows (tested); an unknown
     # term makes pydicom guess and warn.
-    if charset is not None and not all(term in python_encoding for term in charset.split("\\")):
+    if charset is not None and not all(term in CHARACTER_SET_TERMS for term in charset.split("\\")):
         raise Unusual("an unknown Specific Character Set term")
     attributes: dict[str, str | None] = dict.fromkeys(_KEYWORDS)
     for tag, (_, value) in raw.items():

@@ -14,6 +14,8 @@ from pynetdicom.presentation import PresentationContext
 from pacscli import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
 from pacscli.config import Remote, Settings
 from pacscli.errors import NetworkError
+from pacscli.net.diagnose import diagnose_connection, rejection_text
+from pacscli.net.pdu import Rejection
 
 log = logging.getLogger(__name__)
 
@@ -50,47 +52,6 @@ def make_ae(settings: Settings, ae_title: str | None = None) -> AE:
 def _plain(text: object) -> str:
     """Words in lower case for a sentence, acronyms kept: 'Called AE title' -> 'called AE title'."""
     return " ".join(w if w.isupper() else w.lower() for w in str(text).split())
-
-
-def rejection_text(primitive: Any, ae_title: str, remote: Remote) -> str:
-    """'rejected permanent by the service user: called AE title not recognised (...)'."""
-    result = getattr(primitive, "result_str", "rejected")
-    source = getattr(primitive, "source_str", "unknown source")
-    reason = getattr(primitive, "reason_str", "no reason given")
-    text = f"{_plain(result)} by the {_plain(source)}: {_plain(reason)}"
-    why = (getattr(primitive, "result_source", None), getattr(primitive, "diagnostic", None))
-    if why == (1, 3):
-        text += f" (the peer does not accept our AE title {ae_title!r})"
-    elif why == (1, 7):
-        text += f" (the peer does not answer to the AE title {remote.ae_title!r})"
-    return text
-
-
-def diagnose_connection(remote: Remote, timeout: float) -> str:
-    """Why a TCP connection to `remote` fails, in words a field engineer can act on."""
-    try:
-        infos = socket.getaddrinfo(remote.host, remote.port, type=socket.SOCK_STREAM)
-    except socket.gaierror as exc:
-        return f"cannot resolve host {remote.host!r}: {exc.strerror}"
-    address = infos[0][4]
-    try:
-        with socket.create_connection((str(address[0]), int(address[1])), timeout=timeout):
-            return (
-                f"TCP connection to {remote.host}:{remote.port} works, but the peer did not "
-                "answer the association request (is it a DICOM service? TLS expected?)"
-            )
-    except ConnectionRefusedError:
-        return (
-            f"connection refused by {remote.host}:{remote.port}: nothing is listening on that "
-            "port (service down or wrong port?)"
-        )
-    except TimeoutError:
-        return (
-            f"no answer from {remote.host}:{remote.port} within {timeout:g} s "
-            "(host down, wrong address or a firewall dropping packets?)"
-        )
-    except OSError as exc:
-        return f"cannot connect to {remote.host}:{remote.port}: {exc.strerror or exc}"
 
 
 def associate(
@@ -135,7 +96,7 @@ def associate(
         return assoc
     if assoc.is_rejected:
         reply = next((p for p in received if hasattr(p, "reason_str")), None)
-        detail = (rejection_text(reply, ae.ae_title, remote) if reply is not None
+        detail = (rejection_text(_rejection(reply), ae.ae_title, remote) if reply is not None
                   else "rejected")
         raise NetworkError(f"association rejected by {remote}: {detail}",
                            code="association-rejected")
@@ -156,6 +117,12 @@ def associate(
                            code="association-aborted")
     raise NetworkError(f"{remote} accepted the TCP connection but did not answer the "
                        f"association request within {ae.acse_timeout:g} s", code="acse-timeout")
+
+
+def _rejection(primitive: Any) -> Rejection:
+    """The result, source and reason of pynetdicom's A-ASSOCIATE primitive for a rejection."""
+    return Rejection(int(primitive.result or 0), int(primitive.result_source or 0),
+                     int(primitive.diagnostic or 0))
 
 
 def release(assoc: Association) -> None:

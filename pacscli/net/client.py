@@ -3,8 +3,8 @@
 pynetdicom's requestor shares its acceptor's 1 ms polling reactor, which capped `pacs store`
 near a quarter of DCMTK's storescu here and could take a C-STORE response from under
 send_c_store (the call then waited out the DIMSE timeout). This requestor frames PDUs and
-DIMSE messages with the same `Association` as `pacs serve` and blocks on its socket.
-pynetdicom still encodes the A-ASSOCIATE-RQ and decodes the answer.
+DIMSE messages with the same `Association` as `pacs serve` and blocks on its socket, and
+negotiates with pacscli.net.pdu: `pacs store` loads neither pynetdicom nor pydicom.
 
 A dataset file is read straight into place among its PDU headers in a buffer the
 association reuses, and the next instance's first PDUs are read while the peer is still
@@ -15,26 +15,24 @@ from __future__ import annotations
 
 import logging
 import socket
-import struct
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
-
-from pynetdicom.pdu import A_ASSOCIATE_AC, A_ASSOCIATE_RJ, A_ASSOCIATE_RQ
-from pynetdicom.pdu_primitives import (
-    A_ASSOCIATE,
-    ImplementationClassUIDNotification,
-    ImplementationVersionNameNotification,
-    MaximumLengthNotification,
-)
-from pynetdicom.presentation import PresentationContext
 
 from pacscli import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
 from pacscli.config import Remote, Settings
-from pacscli.errors import InvalidDicomError, NetworkError
-from pacscli.net.ae import diagnose_connection, rejection_text
+from pacscli.errors import InvalidDicomError, NetworkError, UsageError
+from pacscli.net.diagnose import diagnose_connection, rejection_text
 from pacscli.net.dimse import C_STORE_RQ, C_STORE_RSP, HAS_DATASET, encode_command
+from pacscli.net.pdu import (
+    ACCEPTANCE,
+    Associate,
+    PduError,
+    PresentationContext,
+    decode_ac,
+    decode_rj,
+    encode_rq,
+)
 from pacscli.net.server import (
     A_ABORT_TYPE,
     A_ASSOCIATE_AC_TYPE,
@@ -42,7 +40,7 @@ from pacscli.net.server import (
     A_ASSOCIATE_RQ_TYPE,
     A_RELEASE_RP_TYPE,
     A_RELEASE_RQ_TYPE,
-    APPLICATION_CONTEXT,
+    ABORT_INVALID_PARAMETER,
     Association,
     AssociationClosed,
     Context,
@@ -173,12 +171,20 @@ class ClientAssociation(Association):
 
 def request_association(settings: Settings, remote: Remote, contexts: Sequence[PresentationContext],
                         staging: Path) -> ClientAssociation:
-    """Connect to `remote` and negotiate `contexts` (context IDs are assigned here).
+    """Connect to `remote` and negotiate `contexts` (context IDs are assigned here, on copies).
 
     Raises NetworkError saying exactly why not: name resolution, refused or timed-out TCP,
     a rejection with its decoded reason, an abort, or no accepted context at all.
     """
     net = settings.network
+    proposed = [replace(context, context_id=2 * number + 1) for number, context in enumerate(contexts)]
+    try:
+        request = encode_rq(Associate(
+            called_ae_title=remote.ae_title, calling_ae_title=settings.ae_title, contexts=proposed,
+            max_pdu=net.max_pdu, implementation_class_uid=IMPLEMENTATION_CLASS_UID,
+            implementation_version_name=IMPLEMENTATION_VERSION_NAME))
+    except PduError as exc:
+        raise UsageError(f"cannot request an association with {remote}: {exc}") from exc
     try:
         addresses = socket.getaddrinfo(remote.host, remote.port, type=socket.SOCK_STREAM)
     except socket.gaierror as exc:
@@ -193,15 +199,10 @@ def request_association(settings: Settings, remote: Remote, contexts: Sequence[P
                            code="connection-failed") from exc
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     assoc = ClientAssociation(sock, remote, settings, staging)
-    proposed = []
-    for number, context in enumerate(contexts):
-        context.context_id = 2 * number + 1
-        proposed.append(context)
     try:
-        sock.sendall(_associate_rq(settings, remote, proposed))
+        assoc.send_pdu(A_ASSOCIATE_RQ_TYPE, request)
         sock.settimeout(net.acse_timeout)
         pdu_type, body = assoc.recv_pdu()
-        raw = struct.pack(">BBI", pdu_type, 0, len(body)) + bytes(body)
     except TimeoutError as exc:
         assoc.close()
         raise NetworkError(f"{remote} accepted the TCP connection but did not answer the association "
@@ -211,19 +212,23 @@ def request_association(settings: Settings, remote: Remote, contexts: Sequence[P
         raise NetworkError(f"{remote} closed the connection during association negotiation: {exc}",
                            code="association-aborted") from exc
     if pdu_type == A_ASSOCIATE_RJ_TYPE:
-        reject = A_ASSOCIATE_RJ()
-        reject.decode(raw)
         assoc.close()
-        raise NetworkError(f"association rejected by {remote}: "
-                           f"{rejection_text(reject.to_primitive(), settings.ae_title, remote)}",
-                           code="association-rejected")
+        try:
+            why = rejection_text(decode_rj(body), settings.ae_title, remote)
+        except PduError as exc:
+            why = f"the A-ASSOCIATE-RJ could not be read ({exc})"
+        raise NetworkError(f"association rejected by {remote}: {why}", code="association-rejected")
     if pdu_type != A_ASSOCIATE_AC_TYPE:
         assoc.close()
         kind = "aborted the association" if pdu_type == A_ABORT_TYPE else f"sent PDU 0x{pdu_type:02x}"
         raise NetworkError(f"{remote} {kind} during negotiation", code="association-aborted")
-    accept = A_ASSOCIATE_AC()
-    accept.decode(raw)
-    _apply_accept(assoc, accept.to_primitive(), {c.context_id: c for c in proposed})
+    try:
+        accept = decode_ac(body)
+    except PduError as exc:
+        assoc.abort(ABORT_INVALID_PARAMETER)
+        raise NetworkError(f"{remote} answered with an A-ASSOCIATE-AC that cannot be read: {exc}",
+                           code="association-aborted") from exc
+    _apply_accept(assoc, accept, {c.context_id: c for c in proposed})
     if not assoc.contexts:
         assoc.release()
         raise NetworkError(f"{remote} accepted the association but none of the presentation contexts "
@@ -232,39 +237,16 @@ def request_association(settings: Settings, remote: Remote, contexts: Sequence[P
     return assoc
 
 
-def _associate_rq(settings: Settings, remote: Remote, contexts: list[PresentationContext]) -> bytes:
-    primitive = A_ASSOCIATE()
-    primitive.application_context_name = APPLICATION_CONTEXT
-    primitive.calling_ae_title = settings.ae_title
-    primitive.called_ae_title = remote.ae_title
-    primitive.presentation_context_definition_list = contexts
-    max_length = MaximumLengthNotification()
-    max_length.maximum_length_received = settings.network.max_pdu
-    class_uid = ImplementationClassUIDNotification()
-    class_uid.implementation_class_uid = IMPLEMENTATION_CLASS_UID
-    version = ImplementationVersionNameNotification()
-    version.implementation_version_name = IMPLEMENTATION_VERSION_NAME
-    primitive.user_information = [max_length, class_uid, version]
-    pdu = A_ASSOCIATE_RQ()
-    pdu.from_primitive(primitive)
-    encoded: bytes = pdu.encode()
-    assert encoded[0] == A_ASSOCIATE_RQ_TYPE
-    return encoded
-
-
-def _apply_accept(assoc: ClientAssociation, primitive: Any,
-                  proposed: dict[int | None, PresentationContext]) -> None:
+def _apply_accept(assoc: ClientAssociation, accept: Associate,
+                  proposed: dict[int, PresentationContext]) -> None:
     """Record the accepted contexts and the peer's limits and identity."""
-    for result in primitive.presentation_context_definition_results_list:
+    for result in accept.contexts:
         asked = proposed.get(result.context_id)
-        if asked is None or result.result != 0 or not result.transfer_syntax:
+        syntax = result.transfer_syntax[0] if result.transfer_syntax else ""
+        if asked is None or result.result != ACCEPTANCE or not syntax:
             continue
-        assoc.contexts[int(result.context_id)] = Context(
-            int(result.context_id), str(asked.abstract_syntax), str(result.transfer_syntax[0]))
-    for item in primitive.user_information:
-        if isinstance(item, MaximumLengthNotification):
-            assoc.peer_max_pdu = int(item.maximum_length_received) or assoc.peer_max_pdu
-        elif isinstance(item, ImplementationClassUIDNotification):
-            assoc.peer_implementation_class_uid = str(item.implementation_class_uid)
-        elif isinstance(item, ImplementationVersionNameNotification):
-            assoc.peer_implementation_version_name = str(item.implementation_version_name or "")
+        assoc.contexts[result.context_id] = Context(result.context_id, asked.abstract_syntax, syntax)
+    if accept.max_pdu:
+        assoc.peer_max_pdu = accept.max_pdu
+    assoc.peer_implementation_class_uid = accept.implementation_class_uid
+    assoc.peer_implementation_version_name = accept.implementation_version_name

@@ -3,6 +3,8 @@
 A command set is a short Implicit VR Little Endian dataset of group 0000. pynetdicom builds
 each one through pydicom's Dataset machinery, which cost milliseconds per C-STORE; these
 functions take microseconds. Only the elements the services we implement use are known.
+Query identifiers are datasets of any kind: pydicom reads and writes them, loaded by the
+functions that need it, so that C-STORE alone never loads it.
 """
 
 from __future__ import annotations
@@ -11,12 +13,10 @@ import struct
 import zlib
 from dataclasses import dataclass, field
 from io import BytesIO
+from typing import TYPE_CHECKING
 
-from pydicom.dataset import Dataset
-from pydicom.filebase import DicomBytesIO
-from pydicom.filereader import read_dataset
-from pydicom.filewriter import write_dataset
-from pydicom.uid import UID, ExplicitVRLittleEndian
+if TYPE_CHECKING:
+    from pydicom.dataset import Dataset
 
 # Command Field values (PS3.7 E.1)
 C_STORE_RQ, C_STORE_RSP = 0x0001, 0x8001
@@ -137,6 +137,9 @@ def encode_command(**elements: int | str | None) -> bytes:
 
 def decode_identifier(data: bytes, transfer_syntax: str) -> Dataset:
     """A query/retrieve identifier (or any small dataset) received in `transfer_syntax`."""
+    from pydicom.filereader import read_dataset
+    from pydicom.uid import UID, ExplicitVRLittleEndian
+
     uid = UID(transfer_syntax)
     if uid.is_deflated:
         data = zlib.decompress(data, -zlib.MAX_WBITS)
@@ -148,6 +151,10 @@ def decode_identifier(data: bytes, transfer_syntax: str) -> Dataset:
 
 def encode_identifier(ds: Dataset, transfer_syntax: str) -> bytes:
     """Encode a response identifier in the context's `transfer_syntax`."""
+    from pydicom.filebase import DicomBytesIO
+    from pydicom.filewriter import write_dataset
+    from pydicom.uid import UID
+
     uid = UID(transfer_syntax)
     fp = DicomBytesIO()
     deflated = uid.is_deflated

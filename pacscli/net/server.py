@@ -4,8 +4,8 @@ pynetdicom's acceptor polls its queues with 1 ms sleeps in two threads per assoc
 builds every command set through pydicom datasets: measured here, it alone tops out near
 0.2x DCMTK's storescp, and it accepts PDUs of any size. This server keeps one thread per
 association that blocks on its socket, frames PDUs itself, and hands each complete DIMSE
-message to a service function. pynetdicom still encodes and decodes the association PDUs
-(A-ASSOCIATE-RQ/AC/RJ), and stays the library for every SCU.
+message to a service function. The association PDUs (A-ASSOCIATE-RQ/AC/RJ) are
+pacscli.net.pdu's; pynetdicom stays the library for every SCU but `pacs store`.
 
 Limits enforced here (DESIGN.md section 5): an A-ASSOCIATE-RQ over 1 MiB, a P-DATA PDU over
 the maximum we advertised, or an unknown PDU type aborts the association; at most
@@ -26,21 +26,24 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, BinaryIO, Protocol
-
-from pynetdicom.pdu import A_ASSOCIATE_AC, A_ASSOCIATE_RJ, A_ASSOCIATE_RQ
-from pynetdicom.pdu_primitives import (
-    A_ASSOCIATE,
-    ImplementationClassUIDNotification,
-    ImplementationVersionNameNotification,
-    MaximumLengthNotification,
-    SCP_SCU_RoleSelectionNegotiation,
-)
-from pynetdicom.presentation import PresentationContext
+from typing import BinaryIO, Protocol
 
 from pacscli import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
 from pacscli.dicom.identity import seek_dataset
 from pacscli.net.dimse import C_CANCEL_RQ, Command, CommandError, decode_command
+from pacscli.net.pdu import (
+    ABSTRACT_SYNTAX_NOT_SUPPORTED,
+    ACCEPTANCE,
+    APPLICATION_CONTEXT,
+    TRANSFER_SYNTAXES_NOT_SUPPORTED,
+    Associate,
+    PduError,
+    PresentationContext,
+    Rejection,
+    decode_rq,
+    encode_ac,
+    encode_rj,
+)
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +51,6 @@ A_ASSOCIATE_RQ_TYPE, A_ASSOCIATE_AC_TYPE, A_ASSOCIATE_RJ_TYPE = 0x01, 0x02, 0x03
 P_DATA_TF_TYPE, A_RELEASE_RQ_TYPE, A_RELEASE_RP_TYPE, A_ABORT_TYPE = 0x04, 0x05, 0x06, 0x07
 
 MAX_ASSOCIATE_PDU = 1024 * 1024
-APPLICATION_CONTEXT = "1.2.840.10008.3.1.1.1"
 # Datasets up to this size are received in memory; larger ones go to a staging file as
 # they arrive, so a 1 GB instance never sits in memory.
 SPILL_THRESHOLD = 16 * 1024 * 1024
@@ -645,47 +647,43 @@ class AssociationServer:
         if pdu_type != A_ASSOCIATE_RQ_TYPE:
             assoc.abort(ABORT_UNEXPECTED_PDU)
             return False
-        request = A_ASSOCIATE_RQ()
         try:
-            request.decode(struct.pack(">BBI", pdu_type, 0, len(body)) + bytes(body))
-            primitive = request.to_primitive()
-        except Exception as exc:
+            request = decode_rq(body)
+        except PduError as exc:
             log.warning("undecodable A-ASSOCIATE-RQ from %s:%s: %s", *assoc.address, exc)
             assoc.abort(ABORT_INVALID_PARAMETER)
             return False
-        assoc.calling_aet = str(primitive.calling_ae_title).strip()
-        assoc.called_aet = str(primitive.called_ae_title).strip()
-        reject = self._rejection(assoc, primitive)
+        assoc.calling_aet = request.calling_ae_title
+        assoc.called_aet = request.called_ae_title
+        reject = self._rejection(assoc, request)
         if reject is not None:
-            result, source, reason, why = reject
+            rejection, why = reject
             log.warning("rejected association from %s (called %s): %s", assoc, assoc.called_aet, why)
-            self._send_reject(assoc, primitive, result, source, reason)
+            self._send_reject(assoc, rejection)
             return False
-        for item in primitive.user_information:
-            if isinstance(item, MaximumLengthNotification):
-                assoc.peer_max_pdu = int(item.maximum_length_received) or _DEFAULT_SEND_PDU
-            elif isinstance(item, SCP_SCU_RoleSelectionNegotiation):
-                assoc.roles[str(item.sop_class_uid)] = (bool(item.scu_role), bool(item.scp_role))
-        results = self._negotiate_contexts(assoc, primitive.presentation_context_definition_list)
-        self._send_accept(assoc, primitive, results)
+        assoc.peer_max_pdu = request.max_pdu or _DEFAULT_SEND_PDU
+        assoc.roles = dict(request.roles)
+        results = self._negotiate_contexts(assoc, request.contexts)
+        self._send_accept(assoc, request, results)
         assoc.established = True
         log.info("association from %s accepted with %d contexts", assoc, len(assoc.contexts))
         return True
 
-    def _rejection(self, assoc: Association, primitive: A_ASSOCIATE) -> tuple[int, int, int, str] | None:
-        """(result, source, reason, why) when the request must be rejected (PS3.8 9.3.4)."""
+    def _rejection(self, assoc: Association, request: Associate) -> tuple[Rejection, str] | None:
+        """The rejection (PS3.8 9.3.4) and why, when the request must be rejected."""
         config = self.config
-        if str(primitive.application_context_name) != APPLICATION_CONTEXT:
-            return 1, 1, 2, f"application context {primitive.application_context_name} not supported"
+        if request.application_context != APPLICATION_CONTEXT:
+            return Rejection(1, 1, 2), f"application context {request.application_context} not supported"
         if config.allow and assoc.calling_aet not in config.allow:
-            return 1, 1, 3, f"calling AE title {assoc.calling_aet!r} is not in the allow list"
+            return Rejection(1, 1, 3), f"calling AE title {assoc.calling_aet!r} is not in the allow list"
         if config.require_called_aet and assoc.called_aet != config.ae_title:
-            return 1, 1, 7, f"called AE title {assoc.called_aet!r} is not ours ({config.ae_title!r})"
+            return Rejection(1, 1, 7), (f"called AE title {assoc.called_aet!r} is not ours "
+                                        f"({config.ae_title!r})")
         if self._stopping.is_set():
-            return 2, 3, 1, "shutting down"
+            return Rejection(2, 3, 1), "shutting down"
         running = sum(1 for a in self.active() if a.established)
         if running >= config.max_associations:
-            return 2, 3, 2, f"already {running} associations (max_associations)"
+            return Rejection(2, 3, 2), f"already {running} associations (max_associations)"
         return None
 
     def _negotiate_contexts(self, assoc: Association,
@@ -695,63 +693,29 @@ class AssociationServer:
         encoded, not a conversion made for us."""
         results = []
         for rq in requested:
-            result = PresentationContext()
-            result.context_id = rq.context_id
-            result.abstract_syntax = rq.abstract_syntax
-            ours = self.config.supported.get(str(rq.abstract_syntax))
-            if ours is None:
-                result.result = 0x03  # abstract syntax not supported
-                result.transfer_syntax = [rq.transfer_syntax[0]]
-            else:
-                chosen = next((str(ts) for ts in rq.transfer_syntax if str(ts) in ours), None)
-                if chosen is None:
-                    result.result = 0x04  # transfer syntaxes not supported
-                    result.transfer_syntax = [rq.transfer_syntax[0]]
-                else:
-                    result.result = 0x00
-                    result.transfer_syntax = [chosen]
-                    assoc.contexts[int(rq.context_id)] = Context(
-                        int(rq.context_id), str(rq.abstract_syntax), chosen)
-            results.append(result)
+            ours = self.config.supported.get(rq.abstract_syntax)
+            chosen = None if ours is None else next((ts for ts in rq.transfer_syntax if ts in ours), None)
+            if chosen is None:
+                # A context not accepted still names a transfer syntax, which is not tested.
+                result = ABSTRACT_SYNTAX_NOT_SUPPORTED if ours is None else TRANSFER_SYNTAXES_NOT_SUPPORTED
+                results.append(PresentationContext(rq.context_id, rq.abstract_syntax,
+                                                   [rq.transfer_syntax[0]], result))
+                continue
+            results.append(PresentationContext(rq.context_id, rq.abstract_syntax, [chosen], ACCEPTANCE))
+            assoc.contexts[rq.context_id] = Context(rq.context_id, rq.abstract_syntax, chosen)
         return results
 
-    def _send_accept(self, assoc: Association, request: A_ASSOCIATE,
+    def _send_accept(self, assoc: Association, request: Associate,
                      results: list[PresentationContext]) -> None:
-        primitive = A_ASSOCIATE()
-        primitive.application_context_name = APPLICATION_CONTEXT
-        primitive.calling_ae_title = request.calling_ae_title
-        primitive.called_ae_title = request.called_ae_title
-        primitive.result = 0x00
-        primitive.presentation_context_definition_results_list = results
-        max_length = MaximumLengthNotification()
-        max_length.maximum_length_received = self.config.max_pdu
-        class_uid = ImplementationClassUIDNotification()
-        class_uid.implementation_class_uid = IMPLEMENTATION_CLASS_UID
-        version = ImplementationVersionNameNotification()
-        version.implementation_version_name = IMPLEMENTATION_VERSION_NAME
-        user_information: list[Any] = [max_length, class_uid, version]
-        for sop_class, (scu_role, scp_role) in assoc.roles.items():
-            role = SCP_SCU_RoleSelectionNegotiation()
-            role.sop_class_uid = sop_class
-            role.scu_role, role.scp_role = scu_role, scp_role
-            user_information.append(role)
-        primitive.user_information = user_information
-        pdu = A_ASSOCIATE_AC()
-        pdu.from_primitive(primitive)
-        encoded = pdu.encode()
-        assoc.send_pdu(A_ASSOCIATE_AC_TYPE, encoded[6:])
+        accept = Associate(request.called_ae_title, request.calling_ae_title, results,
+                           max_pdu=self.config.max_pdu, implementation_class_uid=IMPLEMENTATION_CLASS_UID,
+                           implementation_version_name=IMPLEMENTATION_VERSION_NAME, roles=dict(assoc.roles))
+        assoc.send_pdu(A_ASSOCIATE_AC_TYPE, encode_ac(accept))
 
     @staticmethod
-    def _send_reject(assoc: Association, request: A_ASSOCIATE, result: int, source: int,
-                     reason: int) -> None:
-        primitive = A_ASSOCIATE()
-        primitive.result = result
-        primitive.result_source = source
-        primitive.diagnostic = reason
-        pdu = A_ASSOCIATE_RJ()
-        pdu.from_primitive(primitive)
+    def _send_reject(assoc: Association, rejection: Rejection) -> None:
         with contextlib.suppress(OSError):
-            assoc.send_pdu(A_ASSOCIATE_RJ_TYPE, pdu.encode()[6:])
+            assoc.send_pdu(A_ASSOCIATE_RJ_TYPE, encode_rj(rejection))
 
     def stop(self, grace: float = 12.0) -> None:
         """Stop accepting; let associations end by themselves for `grace` seconds, then

@@ -7,6 +7,7 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,7 @@ from pydicom.uid import (
     ExplicitVRBigEndian,
     ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
+    JPEGBaseline8Bit,
     generate_uid,
 )
 
@@ -144,6 +146,58 @@ def test_store_every_syntax_to_storescp(tmp_path: Path, storescp: Storescp) -> N
         want = comparable(pydicom.dcmread(path))
         assert want in got, path.name
         got.remove(want)
+
+
+# --- start-up: what sending files as they are loads --------------------------------------------
+
+# `pacs store ARGS...` in this interpreter; then the DICOM libraries it loaded, into a file.
+LOADED_LAUNCHER = """
+import sys
+from pacscli.cli.app import app
+try:
+    app(sys.argv[2:], prog_name="pacs")
+finally:
+    loaded = {m.split(".")[0] for m in sys.modules} & {"pydicom", "pynetdicom", "numpy"}
+    with open(sys.argv[1], "w") as out:
+        out.write(" ".join(sorted(loaded)))
+"""
+
+
+def store_loading(tmp_path: Path, *args: str) -> tuple[subprocess.CompletedProcess[str], set[str]]:
+    """Run `pacs store ARGS`: its result, and which of pydicom, pynetdicom and numpy it loaded."""
+    config, loaded = tmp_path / "config.toml", tmp_path / "loaded.txt"
+    config.write_text("")
+    result = subprocess.run([sys.executable, "-c", LOADED_LAUNCHER, str(loaded), "store", *args],
+                            capture_output=True, text=True, timeout=300, stdin=subprocess.DEVNULL,
+                            env={**os.environ, "PACS_CONFIG": str(config)})
+    return result, set(loaded.read_text().split())
+
+
+def test_sending_files_as_stored_loads_neither_pydicom_nor_pynetdicom(tmp_path: Path,
+                                                                      storescp: Storescp) -> None:
+    """Their imports were ~0.3 s of a short run's ~0.75 s start-up: a file the peer takes as
+    it is needs neither; a file to rewrite or convert loads pydicom, and still arrives."""
+    remote, out = storescp("+xa")
+    files = [testdata("explicit_le"), testdata("implicit_le"), testdata("jpeg_baseline")]
+    result, loaded = store_loading(tmp_path, remote, *map(str, files))
+    assert result.returncode == 0, result.stderr
+    assert [(r["status"], r["transfer_syntax"]) for r in records(result)] \
+        == [("ok", pydicom.dcmread(f).file_meta.TransferSyntaxUID) for f in files]
+    assert loaded == set()
+    assert sorted(comparable(ds)[0x00080018] for ds in received(out)) \
+        == sorted(pydicom.dcmread(f).SOPInstanceUID for f in files)
+
+    result, loaded = store_loading(tmp_path, remote, str(write_padded_uid(tmp_path / "padded.dcm")))
+    [record] = records(result)
+    assert record["status"] == "ok" and "SOPInstanceUID padding removed" in record["fixed"]
+    assert loaded == {"pydicom", "numpy"}  # the rewrite reads and writes it with pydicom
+
+    uncompressed_only, converted = storescp()
+    result, loaded = store_loading(tmp_path, uncompressed_only, str(testdata("jpeg_baseline")))
+    [record] = records(result)
+    assert record["status"] == "ok" and record["converted_from"] == JPEGBaseline8Bit, record
+    assert "pydicom" in loaded and "pynetdicom" not in loaded
+    assert len(received(converted)) == 1
 
 
 # --- conversion for peers that take only uncompressed syntaxes --------------------------------

@@ -27,7 +27,7 @@ from pydicom.uid import (
 )
 
 from pacscli.config import Settings, parse_remote
-from pacscli.dicom.identity import read_raw_top_level, seek_dataset
+from pacscli.dicom.identity import read_raw_header, read_raw_top_level, seek_dataset
 from pacscli.dicom.transcode import ITEM_TAG, pad_odd_fragments
 from pacscli.errors import InvalidDicomError, NetworkError, UsageError
 from pacscli.net import server as net_server
@@ -40,6 +40,7 @@ from pacscli.net.store import (
     contexts_for,
     scan,
     split_batches,
+    status_meaning,
     store,
     syntax_groups,
 )
@@ -202,6 +203,62 @@ def test_fast_scan_covers_the_common_files(tmp_path: Path, monkeypatch: pytest.M
     assert walked == [True, True, True, False]
 
 
+def _encapsulated(fragments: list[bytes], before: bytes = b"") -> bytes:
+    """Encapsulated Pixel Data (an empty offset table, then the fragments), after `before`."""
+    items = _item(b"") + b"".join(_item(f) for f in fragments)
+    return (before + struct.pack("<HH2sHI", 0x7FE0, 0x0010, b"OB", 0, 0xFFFFFFFF) + items
+            + struct.pack("<HHI", 0xFFFE, 0xE0DD, 0))
+
+
+def _encapsulated_files(folder: Path) -> list[Path]:
+    """Encapsulated headers the walker reads up to the pixel data: odd and even fragments,
+    an Extended Offset Table or a private group first, no pixel data, nested sequences."""
+    jpeg = JPEGBaseline8Bit.encode()
+    uids = identity_elements(False)
+    cases = {
+        "odd": part10(uids + _encapsulated([b"abc", b"de"]), jpeg),
+        "even": part10(uids + _encapsulated([b"abcd", b"ef"]), jpeg),
+        "offsets_first": part10(uids + _encapsulated([b"abc"], element(0x7FE00001, "OV", bytes(8))), jpeg),
+        "private_after": part10(uids + element(0x7FE10010, "LO", b"ACME") + _encapsulated([b"a"]), jpeg),
+        "no_pixels": part10(uids, jpeg),
+        "nested": part10(nested_sequences(False) + uids + _encapsulated([b"abc"]), jpeg),
+        "cut_in_header": part10(uids, jpeg)[:-5],
+        "cut_in_pixels": part10(uids + _encapsulated([b"abcd", b"efg"]), jpeg)[:-12],
+    }
+    for name, data in cases.items():
+        (folder / f"encapsulated_{name}.dcm").write_bytes(data)
+    return [folder / f"encapsulated_{name}.dcm" for name in cases]
+
+
+def test_fast_scan_of_encapsulated_files_gives_the_pydicom_scan(tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """The walker also finds where encapsulated pixel data starts, for the odd-fragment
+    check: every result is the one pydicom's reader, stopping before the pixels, gives."""
+    files = PYDICOM_FILES + _dirty_files(tmp_path) + _encapsulated_files(tmp_path)
+    fast = {path: _scan_outcome(path) for path in files}
+    monkeypatch.setattr(net_store, "read_raw_top_level", lambda *args: None)
+    monkeypatch.setattr(net_store, "read_raw_header", lambda *args: None)
+    slow = {path: _scan_outcome(path) for path in files}
+    assert [p for p in files if fast[p] != slow[p]] == []
+    encapsulated = [r for r in fast.values()
+                    if isinstance(r, Instance) and r.transfer_syntax == JPEGBaseline8Bit]
+    assert {r.odd_fragments for r in encapsulated} == {True, False}
+
+
+def test_the_walker_reads_encapsulated_headers(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    walked: list[bool] = []
+
+    def spy(*args: Any) -> Any:
+        header = read_raw_header(*args)
+        walked.append(header is not None)
+        return header
+
+    monkeypatch.setattr(net_store, "read_raw_header", spy)
+    assert scan(write_odd_fragments(tmp_path / "odd.dcm")).odd_fragments
+    assert not scan(testdata("jpeg_baseline")).odd_fragments
+    assert walked == [True, True]
+
+
 # --- presentation contexts --------------------------------------------------------------------
 
 def test_syntax_groups() -> None:
@@ -261,6 +318,14 @@ def test_pad_odd_fragments_drops_a_wrong_table() -> None:
     value = _item(struct.pack("<I", 5)) + _item(b"abc")
     padded, count = pad_odd_fragments(value)
     assert count == 1 and padded == _item(b"") + _item(b"abc\x00")
+
+
+def test_storage_status_meanings_are_pynetdicoms() -> None:
+    """Our table of C-STORE statuses says what pynetdicom's did, for every 16-bit code."""
+    from pynetdicom.status import STORAGE_SERVICE_CLASS_STATUS
+
+    assert {code: status_meaning(code) for code in range(0x10000)} == {
+        code: STORAGE_SERVICE_CLASS_STATUS.get(code, ("", "unknown status"))[1] for code in range(0x10000)}
 
 
 # --- the core on real associations ------------------------------------------------------------
