@@ -136,20 +136,25 @@ def test_schema_2_index_is_migrated_keeping_its_rows(tmp_path: Path) -> None:
     index.close()
 
 
+@pytest.mark.parametrize("received", [False, True])
 @pytest.mark.parametrize("failing", ["fdatasync", "replace"])
 def test_a_failed_sync_or_rename_commits_no_row(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                                failing: str) -> None:
+                                                failing: str, received: bool) -> None:
     """The rows are written while the data flushes; when the flush or the rename fails (an
-    I/O error), they are rolled back: out of resources, nothing indexed, nothing placed."""
+    I/O error), they are rolled back: out of resources, nothing indexed, nothing placed.
+    The same for a file written while the dataset arrived (serve)."""
     archive = Archive(tmp_path / "archive")
     data, syntax, sop_uid = _dataset_bytes(testdata("explicit_le"))
+    sop_class = str(pydicom.dcmread(testdata("explicit_le")).SOPClassUID)
 
     def broken(*args: object) -> None:
         raise OSError(errno.EIO, "Input/output error")
 
     monkeypatch.setattr(os, failing, broken)
+    receiving = _receive(archive, data, syntax=syntax, sop_class=sop_class,
+                         sop_uid=sop_uid) if received else None
     with pytest.raises(OutOfResourcesError):
-        archive.put_received(data, transfer_syntax=syntax, source_aet="CT1")
+        archive.put_received(data, transfer_syntax=syntax, source_aet="CT1", receiving=receiving)
     monkeypatch.undo()
     assert archive.index.lookup(sop_uid) is None
     assert instance_files(archive.root) == []
