@@ -201,8 +201,9 @@ class Archive:
                 # Their own pool: a worker waits on its file as long as the sender takes.
                 self._feeders = ThreadPoolExecutor(max_workers=4, thread_name_prefix="sha256-feed")
             feeders = self._feeders
-        receiving = ReceivingFile(path, fd, header, writeback=self.storage.durability == "fsync",
-                                  hashers=feeders)
+        receiving = ReceivingFile(
+            path, fd, header, hashers=feeders,
+            sync=self._sync_later if self.storage.durability == "fsync" else None)
         receiving.write_through(header)
         return receiving
 
@@ -443,6 +444,8 @@ class Archive:
         fdatasync, not fsync: the data and the size needed to read it back, without the
         timestamp-only journal commit that made fsync ~3x slower here.
         """
+        if staged.synced is not None:  # a received file's flush, started as it ended
+            return staged.synced
         fd = staged.fd
         assert fd is not None, "synced twice"
         if self.storage.durability != "fsync":
@@ -548,12 +551,12 @@ class ReceivingFile(_Staged):
     end anyway, and the put then stages the dataset the usual way, which reports it.
     """
 
-    def __init__(self, path: Path, fd: int, header: bytes, *, writeback: bool,
-                 hashers: ThreadPoolExecutor) -> None:
+    def __init__(self, path: Path, fd: int, header: bytes, *, hashers: ThreadPoolExecutor,
+                 sync: Callable[[_Staged], Callable[[], None]] | None) -> None:
         super().__init__(path, fd)
         self.header = header
         self.error: OSError | None = None
-        self._writeback = writeback
+        self._sync = sync  # starts the flush in a worker thread (None: durability "none")
         self._written_back = 0  # bytes whose writeback has been started
         self._hash = _HashFeed(hashers)
 
@@ -566,12 +569,19 @@ class ReceivingFile(_Staged):
         self._hash.feed(data)
         try:
             self.write(data)
-            if self._writeback and self.size - self._written_back >= _WRITEBACK_STEP:
+            if self._sync is not None and self.size - self._written_back >= _WRITEBACK_STEP:
                 assert self.fd is not None
                 start_writeback(self.fd, self._written_back, self.size - self._written_back)
                 self._written_back = self.size
         except OSError as exc:
             self.error = exc
+
+    def finish(self) -> None:
+        """The last fragment is in: start the flush now, while the put reads the header
+        and looks the instance up (a duplicate's flush is then wasted, not wrong)."""
+        if self._sync is not None and self.error is None and self.fd is not None \
+                and self.synced is None:
+            self._sync(self)
 
     def holds(self, header: bytes, dataset_size: int) -> bool:
         """Whether the file is exactly `header` and a dataset of `dataset_size` bytes."""

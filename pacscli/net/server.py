@@ -98,6 +98,9 @@ class DatasetSink(Protocol):
     def write_through(self, data: memoryview) -> None:
         """Take the next fragment (errors are the sink's to keep)."""
 
+    def finish(self) -> None:
+        """The dataset's last fragment has come."""
+
     def discard(self) -> None:
         """Drop what was written, unless it was taken; may be called more than once."""
 
@@ -467,6 +470,8 @@ class Association:
                         if control & 0x02:
                             self._pdu_left = left
                             dataset.finish()
+                            if dataset.sink is not None:
+                                dataset.sink.finish()
                             assert context is not None
                             return context, command, dataset
         except BaseException:

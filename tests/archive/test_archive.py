@@ -171,6 +171,7 @@ def _receive(archive: Archive, data: bytes, *, syntax: str, sop_class: str, sop_
     assert receiving is not None
     for start in range(0, len(data), fragment):
         receiving.write_through(memoryview(data)[start:start + fragment])
+    receiving.finish()  # as the association does after the last fragment: the flush starts
     return receiving
 
 
