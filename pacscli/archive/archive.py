@@ -589,10 +589,10 @@ class ReceivingFile(_Staged):
                 and self.size == len(header) + dataset_size)
 
     def staged(self) -> _Staged:
-        """This file, complete, as the put's staged file."""
+        """This file, complete, as the put's staged file (whose sha256 the put waits for
+        only when it writes the index rows)."""
         assert self.fd is not None
-        digest = self._hash.digest()
-        self.sha256 = lambda: digest
+        self.sha256 = self._hash.digest
         self.mtime = os.fstat(self.fd).st_mtime
         return self
 
