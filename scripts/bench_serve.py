@@ -13,6 +13,9 @@ order alternates between runs), sends them all on one association with
       before each success status), a fresh archive each run;
   (b) `/usr/bin/storescp +B -od DIR P` (bit-preserving), a fresh folder each run.
 
+Then sends them once more to `/usr/bin/storescp --ignore`, which stores nothing: storescu's
+and the network's own time, the floor under both receivers.
+
 Prints instances/s and MB/s of each (the median run by rate), and the ratio pacs/storescp
 against the target (>= 0.5x). Checks that every instance arrived: files on both sides, and
 for pacs the rows of `SELECT count(*) FROM instances` in TMP/index.sqlite and the `ok` records
@@ -309,6 +312,23 @@ def run_storescp(data: Path, work: Path, run: int) -> Run:
     return Run(sent.seconds, count_files(outdir))
 
 
+def run_sender_alone(data: Path, work: Path) -> float:
+    """Seconds of one transfer to `storescp --ignore`, which receives and stores nothing: what
+    storescu and the network take by themselves, the floor under both receivers."""
+    port = free_port()
+    server = start_server("storescp-ignore", [STORESCP, "--ignore", "-aet", STORESCP_AET,
+                                              str(port)], port, STORESCP_AET, work / "logs",
+                          env=DCMTK_ENV)
+    try:
+        sent = storescu(data, server)
+    finally:
+        server.stop()
+    if sent.returncode != 0:
+        raise RuntimeError(f"storescu to storescp --ignore failed ({sent.returncode}):\n"
+                           f"{sent.output[-2000:]}")
+    return sent.seconds
+
+
 def run_pacs(data: Path, work: Path, run: int, durability: str | None) -> Run:
     """One transfer to a fresh `pacs serve` archive."""
     archive = work / f"archive-{run}"
@@ -401,6 +421,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                 print(f"  run {n + 1} {which:<9} {result.seconds:7.2f} s  "
                       f"{result.rate(args.count):7.1f} instances/s  {result.files} files{extra}",
                       flush=True)
+
+        floor = run_sender_alone(work / "data", work)
+        print(f"  storescu alone (to storescp --ignore, nothing stored): {floor:.2f} s, "
+              f"{args.count / floor:.1f} instances/s", flush=True)
 
         dcmtk, pacs = median_run(dcmtk_runs), median_run(pacs_runs)
         mode = f"durability={args.durability}" if args.durability else "default settings"
