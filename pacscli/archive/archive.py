@@ -116,7 +116,6 @@ class Archive:
         self._stripes: dict[str, tuple[threading.Lock, int]] = {}  # lock stripe -> (lock, fd)
         self._stripes_guard = threading.Lock()
         self._hashers: ThreadPoolExecutor | None = None
-        self._feeders: ThreadPoolExecutor | None = None  # hashes of files being received
         self._syncers: ThreadPoolExecutor | None = None
         self._clean_dead_staging()
 
@@ -137,10 +136,10 @@ class Archive:
             for _, fd in self._stripes.values():
                 os.close(fd)
             self._stripes.clear()
-            for pool in (self._hashers, self._feeders, self._syncers):
+            for pool in (self._hashers, self._syncers):
                 if pool is not None:
                     pool.shutdown()
-            self._hashers = self._feeders = self._syncers = None
+            self._hashers = self._syncers = None
         self._staging_folder.close()
 
     def _clean_dead_staging(self) -> None:
@@ -196,13 +195,8 @@ class Archive:
             fd, path = self._staging_folder.new_file()
         except (OSError, ValueError, UnicodeError):
             return None
-        with self._stripes_guard:
-            if self._feeders is None:
-                # Their own pool: a worker waits on its file as long as the sender takes.
-                self._feeders = ThreadPoolExecutor(max_workers=4, thread_name_prefix="sha256-feed")
-            feeders = self._feeders
         receiving = ReceivingFile(
-            path, fd, header, hashers=feeders,
+            path, fd, header, hash_feed=_HashFeed(self._hash_pool()),
             sync=self._sync_later if self.storage.durability == "fsync" else None)
         receiving.write_through(header)
         return receiving
@@ -419,13 +413,23 @@ class Archive:
     def _hash_later(self, parts: Sequence[BytesLike]) -> Callable[[], str]:
         """Start hashing the file made of `parts`; return what waits for its sha256."""
         if sum(len(part) for part in parts) < _HASH_IN_THREAD:
-            digest = _sha256(parts)
-            return lambda: digest
+            digest = hashlib.sha256()
+            for part in parts:
+                digest.update(part)
+            hexdigest = digest.hexdigest()
+            return lambda: hexdigest
+        feed = _HashFeed(self._hash_pool())
+        for part in parts:
+            feed.feed(part)
+        return feed.digest
+
+    def _hash_pool(self) -> ThreadPoolExecutor:
+        """The workers of `_HashFeed`s (made on first use). A worker waits on its file's
+        pieces as long as a sender takes; a feed no worker took is hashed by its caller."""
         with self._stripes_guard:
             if self._hashers is None:
-                self._hashers = ThreadPoolExecutor(max_workers=2, thread_name_prefix="sha256")
-            hashers = self._hashers
-        return hashers.submit(_sha256, parts).result
+                self._hashers = ThreadPoolExecutor(max_workers=4, thread_name_prefix="sha256")
+            return self._hashers
 
     @staticmethod
     def _file_meta_bytes(info: InstanceInfo, source_aet: str | None) -> bytes:
@@ -551,14 +555,14 @@ class ReceivingFile(_Staged):
     end anyway, and the put then stages the dataset the usual way, which reports it.
     """
 
-    def __init__(self, path: Path, fd: int, header: bytes, *, hashers: ThreadPoolExecutor,
+    def __init__(self, path: Path, fd: int, header: bytes, *, hash_feed: _HashFeed,
                  sync: Callable[[_Staged], Callable[[], None]] | None) -> None:
         super().__init__(path, fd)
         self.header = header
         self.error: OSError | None = None
         self._sync = sync  # starts the flush in a worker thread (None: durability "none")
         self._written_back = 0  # bytes whose writeback has been started
-        self._hash = _HashFeed(hashers)
+        self._hash = hash_feed
 
     def write_through(self, data: BytesLike) -> None:
         """Append a fragment, starting the writeback of what is in once enough has come.
@@ -604,8 +608,9 @@ class ReceivingFile(_Staged):
 
 class _HashFeed:
     """The sha256 of bytes handed over piece by piece, computed by a worker thread as they
-    come (hashlib releases the GIL): while the receiving thread reads and writes the next
-    piece, not after the last one (it cost ~0.4 ms per CT slice either way)."""
+    come (hashlib releases the GIL): while the caller writes and syncs them, and for a
+    received file while the next piece arrives, not after the last one (it cost ~0.4 ms
+    per CT slice either way)."""
 
     def __init__(self, pool: ThreadPoolExecutor) -> None:
         self._pieces: queue.SimpleQueue[BytesLike | None] = queue.SimpleQueue()
@@ -631,13 +636,6 @@ class _HashFeed:
     def _run(self) -> None:
         while (piece := self._pieces.get()) is not None:
             self._hash.update(piece)
-
-
-def _sha256(parts: Sequence[BytesLike]) -> str:
-    digest = hashlib.sha256()
-    for part in parts:
-        digest.update(part)
-    return digest.hexdigest()
 
 
 def _same_dataset(archived: Path, source: BytesLike | Path, source_offset: int) -> bool:
