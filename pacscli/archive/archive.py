@@ -121,7 +121,7 @@ class Archive:
 
     def _make_lock_files(self) -> None:
         """Create the 256 lock files of `_instance_lock` now, if missing: made on first use,
-        each cost ~0.4 ms of a put here (a file created between fsyncs)."""
+        each cost ~0.4 ms of a put here (see staging.py on slow creates)."""
         locks = self.root / layout.LOCKS_DIR
         locks.mkdir(exist_ok=True)
         if len(os.listdir(locks)) >= 256:
