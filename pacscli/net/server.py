@@ -399,8 +399,8 @@ class Association:
         for start in range(0, max(len(data), 1), step):
             chunk = data[start:start + step]
             control = 0x02 if last and start + step >= len(data) else 0x00
-            out += struct.pack(">BBIIBB", P_DATA_TF_TYPE, 0, len(chunk) + 6, len(chunk) + 2,
-                               context_id, control)
+            out += _PDU_PDV.pack(P_DATA_TF_TYPE, 0, len(chunk) + 6, len(chunk) + 2, context_id,
+                                 control)
             out += chunk
         with self._send_lock:
             self.sock.sendall(out)
