@@ -42,6 +42,9 @@ EXPLICIT_VR_BIG_ENDIAN = "1.2.840.10008.1.2.2"
 # transfer syntax it knows as encapsulated.
 NATIVE_SYNTAXES = frozenset({IMPLICIT_VR_LITTLE_ENDIAN, EXPLICIT_VR_LITTLE_ENDIAN,
                              DEFLATED_EXPLICIT_VR_LITTLE_ENDIAN, EXPLICIT_VR_BIG_ENDIAN})
+# What a compressed file is converted to for a peer that takes no compressed syntax, in order
+# of preference.
+UNCOMPRESSED_SYNTAXES = (EXPLICIT_VR_LITTLE_ENDIAN, IMPLICIT_VR_LITTLE_ENDIAN)
 
 # Every transfer syntax in pydicom's UID dictionary, with its name, as pynetdicom extends it
 # when loaded (with the newer ones: JPEG XL, Deflated Image Frame Compression); `pacs store`

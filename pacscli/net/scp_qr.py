@@ -22,6 +22,7 @@ from pacscli.archive.archive import Archive
 from pacscli.archive.query import RetrieveItem, find, instances_for_retrieve
 from pacscli.config import Settings
 from pacscli.dicom.query import InvalidQueryError
+from pacscli.dicom.uids import NATIVE_SYNTAXES, UNCOMPRESSED_SYNTAXES
 from pacscli.errors import PacsError
 from pacscli.net.dimse import (
     C_FIND_RSP,
@@ -59,9 +60,7 @@ MODELS = {
     STUDY_ROOT_FIND: "study", STUDY_ROOT_MOVE: "study", STUDY_ROOT_GET: "study",
 }
 # Identifiers are decoded with pydicom: the uncompressed syntaxes and deflate.
-QR_TRANSFER_SYNTAXES = frozenset({
-    "1.2.840.10008.1.2", "1.2.840.10008.1.2.1", "1.2.840.10008.1.2.2", "1.2.840.10008.1.2.1.99",
-})
+QR_TRANSFER_SYNTAXES = NATIVE_SYNTAXES
 
 SUCCESS, PENDING, CANCELLED = 0x0000, 0xFF00, 0xFE00
 NOT_AUTHORIZED = 0x0124
@@ -70,7 +69,6 @@ UNABLE_TO_PROCESS = 0xC000
 IDENTIFIER_DOES_NOT_MATCH = 0xA900  # "Identifier does not match SOP Class"
 SUB_OPERATIONS_FAILED = 0xB000
 UNABLE_TO_PERFORM_SUB_OPERATIONS = 0xA702
-_UNCOMPRESSED = ("1.2.840.10008.1.2.1", "1.2.840.10008.1.2")
 
 
 def _respond(assoc: Association, context: Context, field_: int, request: Command, status: int,
@@ -260,9 +258,9 @@ def _get_context(assoc: Association, item: RetrieveItem) -> tuple[Context | None
     for context in candidates:
         if context.transfer_syntax == item.transfer_syntax:
             return context, False
-    if UID(item.transfer_syntax).is_compressed or item.transfer_syntax not in _UNCOMPRESSED:
+    if UID(item.transfer_syntax).is_compressed or item.transfer_syntax not in UNCOMPRESSED_SYNTAXES:
         for context in candidates:
-            if context.transfer_syntax in _UNCOMPRESSED:
+            if context.transfer_syntax in UNCOMPRESSED_SYNTAXES:
                 return context, True
     return None, False
 

@@ -28,8 +28,8 @@ from pacscli.config import Remote, Settings
 from pacscli.dicom.attributes import tag_of
 from pacscli.dicom.identity import read_header, read_meta_values, read_raw_header, read_raw_top_level
 from pacscli.dicom.uids import (
-    EXPLICIT_VR_LITTLE_ENDIAN,
     IMPLICIT_VR_LITTLE_ENDIAN,
+    UNCOMPRESSED_SYNTAXES,
     clean_uid,
     is_encapsulated,
     uid_name,
@@ -43,7 +43,6 @@ from pacscli.records import Record, failed
 log = logging.getLogger(__name__)
 
 MAX_CONTEXTS = 128  # pynetdicom's limit per association (PS3.8 allows 128 odd context IDs)
-UNCOMPRESSED = (EXPLICIT_VR_LITTLE_ENDIAN, IMPLICIT_VR_LITTLE_ENDIAN)  # what we can convert to
 WARNING_STATUSES = frozenset({0x0001, 0xB000, 0xB006, 0xB007})
 MEDIA_STORAGE_DIRECTORY = "1.2.840.10008.1.3.10"  # a DICOMDIR: not an instance to send
 IDENTITY = ("StudyInstanceUID", "SeriesInstanceUID", "SOPClassUID", "SOPInstanceUID")
@@ -250,7 +249,7 @@ def syntax_groups(syntaxes: Collection[str]) -> list[list[str]]:
     another; one more context offers the uncompressed syntaxes we can convert to.
     """
     groups = [[ts] for ts in sorted(syntaxes)]
-    fallback = [str(ts) for ts in UNCOMPRESSED if ts not in syntaxes]
+    fallback = [str(ts) for ts in UNCOMPRESSED_SYNTAXES if ts not in syntaxes]
     if set(syntaxes) - {IMPLICIT_VR_LITTLE_ENDIAN} and fallback:
         groups.append(fallback)
     return groups
@@ -349,7 +348,7 @@ def _rewrite(instance: Instance, accepted: Collection[str], dest: Path) -> Recor
     target = instance.transfer_syntax
     converting = target not in accepted
     if converting:
-        target = next((str(ts) for ts in UNCOMPRESSED if ts in accepted), "")
+        target = next((str(ts) for ts in UNCOMPRESSED_SYNTAXES if ts in accepted), "")
         if not target:
             raise PacsError(f"the peer accepted neither {uid_name(instance.transfer_syntax)} nor "
                             "an uncompressed syntax for this SOP class",
