@@ -5,24 +5,22 @@ A put writes the file under a temporary name in the archive's staging folder, fl
 then commits its index rows (written while the data was flushing). A crash therefore never
 leaves a half-written file under a real name, and the index never points at one.
 
-The sha256 of a received instance is computed in a worker thread while the file is written
-and synced (for `pacs serve`, while the dataset arrives): hashlib releases the GIL, and
-inline it cost as much as the sync itself.
+Bytes in memory (for `pacs serve`, a dataset while it arrives) are written by a worker
+thread that hashes them on the way, with direct I/O (see `StreamedFile`): hashlib and the
+writes release the GIL, and inline each cost as much as the sync itself.
 """
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import hashlib
 import logging
 import mmap
 import os
-import queue
 import shutil
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -31,7 +29,7 @@ from typing import Any
 
 from pacscli.archive import layout
 from pacscli.archive.index import Index, InstanceRow, StoredFile
-from pacscli.archive.staging import StagingFolder, start_writeback
+from pacscli.archive.staging import BlockWriter, StagedFile, StagingFolder, StreamedFile
 from pacscli.config import StorageSettings
 from pacscli.dicom.header import BytesLike
 from pacscli.dicom.identity import InstanceInfo, read_instance_info, read_received_info, seek_dataset
@@ -46,10 +44,6 @@ except ImportError:  # pragma: no cover - not POSIX
 log = logging.getLogger(__name__)
 
 _CHUNK = 1024 * 1024
-# Below this, hashing in the calling thread costs less than handing the work to another.
-_HASH_IN_THREAD = 256 * 1024
-# A file received while it arrives has its writeback started each time this much more is in.
-_WRITEBACK_STEP = 128 * 1024
 # Errors that mean "no room or the device failed": reported as out of resources (0xA700).
 _RESOURCE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EIO, errno.EROFS}
 
@@ -115,8 +109,8 @@ class Archive:
         self.index = Index(self.root / layout.INDEX_FILE)
         self._stripes: dict[str, tuple[threading.Lock, int]] = {}  # lock stripe -> (lock, fd)
         self._stripes_guard = threading.Lock()
-        self._hashers: ThreadPoolExecutor | None = None
         self._syncers: ThreadPoolExecutor | None = None
+        self._block_writer = BlockWriter()
         self._clean_dead_staging()
 
     def _make_lock_files(self) -> None:
@@ -136,10 +130,10 @@ class Archive:
             for _, fd in self._stripes.values():
                 os.close(fd)
             self._stripes.clear()
-            for pool in (self._hashers, self._syncers):
-                if pool is not None:
-                    pool.shutdown()
-            self._hashers = self._syncers = None
+            if self._syncers is not None:
+                self._syncers.shutdown()
+            self._syncers = None
+        self._block_writer.close()
         self._staging_folder.close()
 
     def _clean_dead_staging(self) -> None:
@@ -180,14 +174,14 @@ class Archive:
         return self._put(info, source, header, source_aet if rewrite_meta else info.source_aet)
 
     def begin_received(self, *, sop_class_uid: str, sop_uid: str, transfer_syntax: str,
-                       source_aet: str | None) -> ReceivingFile | None:
+                       source_aet: str | None) -> StreamedFile | None:
         """A staging file to write a dataset into while it arrives (`pacs serve`), under the
         file meta its C-STORE command predicts. `put_received` takes it when the dataset's
         own UIDs match that file meta, and stages the dataset anew otherwise.
 
-        Writing while receiving, and starting the writeback as it goes, takes the write
-        and most of the flush off the time between the last fragment and the answer.
-        None when no staging file can be had: the put then stages as usual and reports.
+        Writing and hashing while receiving takes both, and most of the flush, off the time
+        between the last fragment and the answer. None when no staging file can be had:
+        the put then stages as usual and reports.
         """
         try:
             header = part10_header(sop_class_uid=sop_class_uid, sop_instance_uid=sop_uid,
@@ -195,14 +189,10 @@ class Archive:
             fd, path = self._staging_folder.new_file()
         except (OSError, ValueError, UnicodeError):
             return None
-        receiving = ReceivingFile(
-            path, fd, header, hash_feed=_HashFeed(self._hash_pool()),
-            sync=self._sync_later if self.storage.durability == "fsync" else None)
-        receiving.write_through(header)
-        return receiving
+        return StreamedFile(path, fd, header, writer=self._block_writer, flush=self._start_sync)
 
     def put_received(self, dataset: BytesLike | Path, *, transfer_syntax: str,
-                     source_aet: str | None, receiving: ReceivingFile | None = None) -> PutResult:
+                     source_aet: str | None, receiving: StreamedFile | None = None) -> PutResult:
         """Put a dataset received over the network (its bytes, or a raw dataset file without
         file meta) into the archive, under our own file meta naming the sending AE.
 
@@ -218,16 +208,16 @@ class Archive:
             if receiving is not None:
                 receiving.discard()
             raise
-        staged: _Staged | None = None
+        staged: StagedFile | None = None
         if receiving is not None:
             if isinstance(dataset, BytesLike) and receiving.holds(header, len(dataset)):
-                staged = receiving.staged()
+                staged = receiving
             else:
                 receiving.discard()
         return self._put(info, dataset, header, source_aet, staged)
 
     def _put(self, info: InstanceInfo, source: BytesLike | Path, header: bytes | None,
-             source_aet: str | None, staged: _Staged | None = None) -> PutResult:
+             source_aet: str | None, staged: StagedFile | None = None) -> PutResult:
         """Stage (unless `staged` already holds the file), settle duplicates and conflicts,
         place and index one instance."""
         try:
@@ -373,63 +363,46 @@ class Archive:
         return PutResult(info, source, outcome, hashes.size, hashes.sha256)
 
     def _stage(self, source: BytesLike | Path, info: InstanceInfo,
-               header: bytes | None) -> _Staged:
-        """Write the archive file's bytes to a new staging file, left open and unsynced.
+               header: bytes | None) -> StagedFile:
+        """Write the archive file's bytes to a new staging file.
 
         `source` is a Part 10 file copied whole (header None) or from its dataset on after
         `header`, or received dataset bytes / a raw dataset file written after `header`.
-        The sync waits until `_sync_later`, so a duplicate costs no sync. Bytes in memory are
-        hashed in worker threads meanwhile; files are hashed as they are copied.
+        A file is hashed as it is copied, and synced only by `_sync_later`, so a duplicate
+        costs no sync. Bytes in memory are written as a `StreamedFile`, whose flush starts
+        at once.
         """
         try:
             fd, path = self._staging_folder.new_file()
         except OSError as exc:
             raise _resource_error(exc, f"cannot write {info.sop_uid} to the archive") from exc
-        staged = _Staged(path, fd)
+        if isinstance(source, BytesLike):
+            streamed = StreamedFile(path, fd, header or b"", writer=self._block_writer)
+            streamed.write_through(source)
+            if not streamed.written():
+                error = streamed.error or OSError(errno.EIO, "write failed")
+                streamed.discard()
+                raise _resource_error(error, f"cannot write {info.sop_uid} to the archive")
+            return streamed
+        staged = StagedFile(path, fd)
         try:
-            if isinstance(source, BytesLike):
-                staged.sha256 = self._hash_later([header or b"", source])
-                staged.write(header or b"")
-                staged.write(source)
-            else:
-                file_hash = hashlib.sha256()
-                with open(source, "rb") as src:
-                    if header is None:
-                        header = src.read(info.dataset_offset)
-                    src.seek(info.dataset_offset)
-                    staged.write(header)
-                    file_hash.update(header)
-                    while chunk := src.read(_CHUNK):
-                        staged.write(chunk)
-                        file_hash.update(chunk)
-                digest = file_hash.hexdigest()
-                staged.sha256 = lambda: digest
+            file_hash = hashlib.sha256()
+            with open(source, "rb") as src:
+                if header is None:
+                    header = src.read(info.dataset_offset)
+                src.seek(info.dataset_offset)
+                staged.write(header)
+                file_hash.update(header)
+                while chunk := src.read(_CHUNK):
+                    staged.write(chunk)
+                    file_hash.update(chunk)
+            digest = file_hash.hexdigest()
+            staged.sha256 = lambda: digest
             staged.mtime = os.fstat(fd).st_mtime
         except OSError as exc:
             staged.discard()
             raise _resource_error(exc, f"cannot write {info.sop_uid} to the archive") from exc
         return staged
-
-    def _hash_later(self, parts: Sequence[BytesLike]) -> Callable[[], str]:
-        """Start hashing the file made of `parts`; return what waits for its sha256."""
-        if sum(len(part) for part in parts) < _HASH_IN_THREAD:
-            digest = hashlib.sha256()
-            for part in parts:
-                digest.update(part)
-            hexdigest = digest.hexdigest()
-            return lambda: hexdigest
-        feed = _HashFeed(self._hash_pool())
-        for part in parts:
-            feed.feed(part)
-        return feed.digest
-
-    def _hash_pool(self) -> ThreadPoolExecutor:
-        """The workers of `_HashFeed`s (made on first use). A worker waits on its file's
-        pieces as long as a sender takes; a feed no worker took is hashed by its caller."""
-        with self._stripes_guard:
-            if self._hashers is None:
-                self._hashers = ThreadPoolExecutor(max_workers=4, thread_name_prefix="sha256")
-            return self._hashers
 
     @staticmethod
     def _file_meta_bytes(info: InstanceInfo, source_aet: str | None) -> bytes:
@@ -441,15 +414,27 @@ class Archive:
             source_aet=source_aet,
         )
 
-    def _sync_later(self, staged: _Staged) -> Callable[[], None]:
+    def _sync_later(self, staged: StagedFile) -> Callable[[], None]:
         """Start flushing a staged file's data to disk (fdatasync under the default
-        durability) in a worker thread; return what waits for it, then closes the file.
+        durability) in a worker thread, unless its flush already started; return what
+        waits for it (raising OutOfResourcesError or ArchiveError), then closes the file.
 
         fdatasync, not fsync: the data and the size needed to read it back, without the
         timestamp-only journal commit that made fsync ~3x slower here.
         """
-        if staged.synced is not None:  # a received file's flush, started as it ended
-            return staged.synced
+        if staged.synced is None:
+            staged.synced = self._start_sync(staged)
+        synced = staged.synced
+
+        def wait() -> None:
+            try:
+                synced()
+            except OSError as exc:
+                raise _resource_error(exc, f"cannot write {staged.path.name} to disk") from exc
+
+        return wait
+
+    def _start_sync(self, staged: StagedFile) -> Callable[[], None]:
         fd = staged.fd
         assert fd is not None, "synced twice"
         if self.storage.durability != "fsync":
@@ -464,15 +449,12 @@ class Archive:
         def wait() -> None:
             try:
                 future.result()
-            except OSError as exc:
-                raise _resource_error(exc, f"cannot write {staged.path.name} to disk") from exc
             finally:
                 staged.close()
 
-        staged.synced = wait
         return wait
 
-    def _place(self, staged: _Staged, final: Path) -> None:
+    def _place(self, staged: StagedFile, final: Path) -> None:
         """Rename a synced staged file into place and make the rename durable."""
         try:
             created = self._makedirs(final.parent)
@@ -507,135 +489,6 @@ class Archive:
                 os.link(path, target)
         except OSError as exc:
             raise _resource_error(exc, f"cannot set aside {path.name} before replacing it") from exc
-
-
-class _Staged:
-    """A file being written in staging: its path, open descriptor, size so far, and its
-    sha256 (a call that may wait for the thread computing it)."""
-
-    def __init__(self, path: Path, fd: int) -> None:
-        self.path = path
-        self.fd: int | None = fd
-        self.size = 0
-        self.mtime = 0.0  # once written: the received_at the index records
-        self.sha256: Callable[[], str] = lambda: ""
-        self.synced: Callable[[], None] | None = None  # waits for a sync in progress
-
-    def write(self, data: BytesLike) -> None:
-        """Append all of `data` (os.write may take less than asked)."""
-        assert self.fd is not None
-        view = memoryview(data)
-        while view:
-            written = os.write(self.fd, view)
-            view = view[written:]
-        self.size += len(data)
-
-    def close(self) -> None:
-        """Close the descriptor (once)."""
-        if self.fd is not None:
-            fd, self.fd = self.fd, None
-            os.close(fd)
-
-    def discard(self) -> None:
-        """Close and remove the staged file, if it is still in staging, and wait for the
-        hash: it may be reading a buffer the caller reuses once the put returns."""
-        if self.synced is not None:  # never close the descriptor under a running fdatasync
-            with contextlib.suppress(PacsError):
-                self.synced()
-        self.close()
-        self.path.unlink(missing_ok=True)
-        self.sha256()
-
-
-class ReceivingFile(_Staged):
-    """A staging file written while its dataset arrives: the predicted file meta, then
-    each fragment as it comes (see `Archive.begin_received`).
-
-    A write error (disk full) is kept, not raised: the sender's stream must be read to its
-    end anyway, and the put then stages the dataset the usual way, which reports it.
-    """
-
-    def __init__(self, path: Path, fd: int, header: bytes, *, hash_feed: _HashFeed,
-                 sync: Callable[[_Staged], Callable[[], None]] | None) -> None:
-        super().__init__(path, fd)
-        self.header = header
-        self.error: OSError | None = None
-        self._sync = sync  # starts the flush in a worker thread (None: durability "none")
-        self._written_back = 0  # bytes whose writeback has been started
-        self._hash = hash_feed
-
-    def write_through(self, data: BytesLike) -> None:
-        """Append a fragment, starting the writeback of what is in once enough has come.
-        `data` must stay unchanged until the put or `discard` returns: it is hashed
-        meanwhile."""
-        if self.error is not None:
-            return
-        self._hash.feed(data)
-        try:
-            self.write(data)
-            if self._sync is not None and self.size - self._written_back >= _WRITEBACK_STEP:
-                assert self.fd is not None
-                start_writeback(self.fd, self._written_back, self.size - self._written_back)
-                self._written_back = self.size
-        except OSError as exc:
-            self.error = exc
-
-    def finish(self) -> None:
-        """The last fragment is in: start the flush now, while the put reads the header
-        and looks the instance up (a duplicate's flush is then wasted, not wrong)."""
-        if self._sync is not None and self.error is None and self.fd is not None \
-                and self.synced is None:
-            self._sync(self)
-
-    def holds(self, header: bytes, dataset_size: int) -> bool:
-        """Whether the file is exactly `header` and a dataset of `dataset_size` bytes."""
-        return (self.error is None and self.fd is not None and header == self.header
-                and self.size == len(header) + dataset_size)
-
-    def staged(self) -> _Staged:
-        """This file, complete, as the put's staged file (whose sha256 the put waits for
-        only when it writes the index rows)."""
-        assert self.fd is not None
-        self.sha256 = self._hash.digest
-        self.mtime = os.fstat(self.fd).st_mtime
-        return self
-
-    def discard(self) -> None:
-        """As `_Staged.discard`, once the hash no longer reads the fragments."""
-        self._hash.digest()
-        super().discard()
-
-
-class _HashFeed:
-    """The sha256 of bytes handed over piece by piece, computed by a worker thread as they
-    come (hashlib releases the GIL): while the caller writes and syncs them, and for a
-    received file while the next piece arrives, not after the last one (it cost ~0.4 ms
-    per CT slice either way)."""
-
-    def __init__(self, pool: ThreadPoolExecutor) -> None:
-        self._pieces: queue.SimpleQueue[BytesLike | None] = queue.SimpleQueue()
-        self._hash = hashlib.sha256()
-        self._digest: str | None = None
-        self._worker = pool.submit(self._run)
-
-    def feed(self, data: BytesLike) -> None:
-        """Add the next piece (kept unchanged by the caller until `digest` returns)."""
-        self._pieces.put(data)
-
-    def digest(self) -> str:
-        """The hash of all pieces fed, once computed."""
-        if self._digest is None:
-            self._pieces.put(None)
-            if self._worker.cancel():  # every worker busy with other files: hash here
-                self._run()
-            else:
-                self._worker.result()
-            self._digest = self._hash.hexdigest()
-        return self._digest
-
-    def _run(self) -> None:
-        while (piece := self._pieces.get()) is not None:
-            self._hash.update(piece)
 
 
 def _same_dataset(archived: Path, source: BytesLike | Path, source_offset: int) -> bool:

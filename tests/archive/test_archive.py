@@ -7,14 +7,14 @@ import hashlib
 import os
 import sqlite3
 import subprocess
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pydicom
 import pytest
 
-from pacscli.archive.archive import Archive, ReceivingFile, _HashFeed
+from pacscli.archive.archive import Archive
 from pacscli.archive.index import MIGRATIONS, SCHEMA_VERSION, Index
+from pacscli.archive.staging import StreamedFile
 from pacscli.config import StorageSettings
 from pacscli.dicom.identity import seek_dataset
 from pacscli.errors import InvalidDicomError, OutOfResourcesError
@@ -164,7 +164,7 @@ def test_a_failed_sync_or_rename_commits_no_row(tmp_path: Path, monkeypatch: pyt
 
 
 def _receive(archive: Archive, data: bytes, *, syntax: str, sop_class: str, sop_uid: str,
-             fragment: int = 100_000) -> ReceivingFile:
+             fragment: int = 100_000) -> StreamedFile:
     """What serve does while a C-STORE dataset arrives: write it through, fragment by fragment."""
     receiving = archive.begin_received(sop_class_uid=sop_class, sop_uid=sop_uid,
                                        transfer_syntax=syntax, source_aet="CT1")
@@ -229,17 +229,3 @@ def test_a_written_through_file_that_does_not_fit_is_dropped(tmp_path: Path, cas
     assert not receiving.path.exists() and os.stat(held).st_nlink == 1
     assert not [p for p in archive.staging.iterdir() if p.stat().st_size]
     archive.close()
-
-
-def test_the_hash_fed_piece_by_piece_is_right_even_with_no_worker_free() -> None:
-    """The one worker waits on the first file's pieces; the second file's hash, whose task
-    never started, is computed by the caller. Both are the sha256 of what was fed."""
-    pieces = [os.urandom(70_000) for _ in range(5)]
-    with ThreadPoolExecutor(max_workers=1) as pool:
-        first, second = _HashFeed(pool), _HashFeed(pool)
-        for piece in pieces:
-            first.feed(piece)
-            second.feed(piece[::-1])
-        assert second.digest() == hashlib.sha256(b"".join(p[::-1] for p in pieces)).hexdigest()
-        assert first.digest() == hashlib.sha256(b"".join(pieces)).hexdigest()
-        assert first.digest() == hashlib.sha256(b"".join(pieces)).hexdigest()  # asked again
