@@ -32,7 +32,13 @@ from pacscli.archive.index import Index, InstanceRow, StoredFile
 from pacscli.archive.staging import BlockWriter, StagedFile, StagingFolder, StreamedFile
 from pacscli.config import StorageSettings
 from pacscli.dicom.header import BytesLike
-from pacscli.dicom.identity import InstanceInfo, read_instance_info, read_received_info, seek_dataset
+from pacscli.dicom.identity import (
+    InstanceInfo,
+    read_instance_info,
+    read_received_head,
+    read_received_info,
+    seek_dataset,
+)
 from pacscli.dicom.part10 import part10_header
 from pacscli.errors import ArchiveError, InvalidDicomError, OutOfResourcesError, PacsError
 
@@ -174,14 +180,15 @@ class Archive:
         return self._put(info, source, header, source_aet if rewrite_meta else info.source_aet)
 
     def begin_received(self, *, sop_class_uid: str, sop_uid: str, transfer_syntax: str,
-                       source_aet: str | None) -> StreamedFile | None:
+                       source_aet: str | None) -> IncomingInstance | None:
         """A staging file to write a dataset into while it arrives (`pacs serve`), under the
         file meta its C-STORE command predicts. `put_received` takes it when the dataset's
         own UIDs match that file meta, and stages the dataset anew otherwise.
 
-        Writing and hashing while receiving takes both, and most of the flush, off the time
-        between the last fragment and the answer. None when no staging file can be had:
-        the put then stages as usual and reports.
+        Writing and hashing while receiving, and reading the header from the first piece,
+        takes them and most of the flush off the time between the last fragment and the
+        answer. None when no staging file can be had: the put then stages as usual and
+        reports.
         """
         try:
             header = part10_header(sop_class_uid=sop_class_uid, sop_instance_uid=sop_uid,
@@ -189,20 +196,22 @@ class Archive:
             fd, path = self._staging_folder.new_file()
         except (OSError, ValueError, UnicodeError):
             return None
-        return StreamedFile(path, fd, header, writer=self._block_writer, flush=self._start_sync)
+        file = StreamedFile(path, fd, header, writer=self._block_writer, flush=self._start_sync)
+        return IncomingInstance(file, transfer_syntax)
 
     def put_received(self, dataset: BytesLike | Path, *, transfer_syntax: str,
-                     source_aet: str | None, receiving: StreamedFile | None = None) -> PutResult:
+                     source_aet: str | None, receiving: IncomingInstance | None = None) -> PutResult:
         """Put a dataset received over the network (its bytes, or a raw dataset file without
         file meta) into the archive, under our own file meta naming the sending AE.
 
-        `receiving` is the file `begin_received` gave for it, already holding the dataset
-        bytes; it is used when it holds exactly the file this put would write, and
-        removed otherwise. The dataset bytes are stored exactly as received. Raises as
+        `receiving` is what `begin_received` gave for it, its file already holding the
+        dataset bytes; the file is used when it holds exactly the file this put would write,
+        and removed otherwise. The dataset bytes are stored exactly as received. Raises as
         `put` does.
         """
         try:
-            info = read_received_info(dataset, transfer_syntax)
+            info = receiving.info if receiving is not None and receiving.info is not None \
+                else read_received_info(dataset, transfer_syntax)
             header = self._file_meta_bytes(info, source_aet)
         except BaseException:
             if receiving is not None:
@@ -210,8 +219,8 @@ class Archive:
             raise
         staged: StagedFile | None = None
         if receiving is not None:
-            if isinstance(dataset, BytesLike) and receiving.holds(header, len(dataset)):
-                staged = receiving
+            if isinstance(dataset, BytesLike) and receiving.file.holds(header, len(dataset)):
+                staged = receiving.file
             else:
                 receiving.discard()
         return self._put(info, dataset, header, source_aet, staged)
@@ -489,6 +498,34 @@ class Archive:
                 os.link(path, target)
         except OSError as exc:
             raise _resource_error(exc, f"cannot set aside {path.name} before replacing it") from exc
+
+
+class IncomingInstance:
+    """A C-STORE dataset on its way into the archive (`Archive.begin_received`): its staging
+    file, written while the dataset arrives, and its identity, read from the first piece
+    when that holds the whole header (the common case: reading it after the last fragment
+    cost ~0.14 ms of every answer, and kept the file's writer thread from the GIL)."""
+
+    def __init__(self, file: StreamedFile, transfer_syntax: str) -> None:
+        self.file = file
+        self.info: InstanceInfo | None = None
+        self._transfer_syntax = transfer_syntax
+        self._first = True
+
+    def write_through(self, data: BytesLike) -> None:
+        """Take the next piece of the dataset."""
+        self.file.write_through(data)
+        if self._first:
+            self._first = False
+            self.info = read_received_head(data, self._transfer_syntax)
+
+    def finish(self) -> None:
+        """The last piece is in."""
+        self.file.finish()
+
+    def discard(self) -> None:
+        """Drop the file unless it was placed (may be called more than once)."""
+        self.file.discard()
 
 
 def _same_dataset(archived: Path, source: BytesLike | Path, source_offset: int) -> bool:

@@ -193,6 +193,17 @@ def read_received_info(dataset: BytesLike | Path, transfer_syntax: str) -> Insta
     return info if info is not None else _pydicom_received_info(dataset, transfer_syntax)
 
 
+def read_received_head(head: BytesLike, transfer_syntax: str) -> InstanceInfo | None:
+    """`read_received_info` of a dataset from its first bytes only, while the rest is still
+    arriving: None unless `head` holds the whole header (everything before the pixel data)
+    and the fast path can read it. The answer is then the same as for the whole dataset,
+    whose reading stops at the pixel data too."""
+    try:
+        return _fast_received_info(head, transfer_syntax, complete=False)
+    except InvalidDicomError:  # an unsafe UID, say: reading the whole dataset reports it
+        return None
+
+
 def _pydicom_instance_info(path: Path) -> InstanceInfo:
     """`read_instance_info` with pydicom's reader: for everything out of the common case."""
     try:
@@ -387,14 +398,17 @@ def _fast_instance_info(path: Path) -> InstanceInfo | None:
                        meta_sop_uid=meta_sop_uid, source_aet=source.strip() if source else None)
 
 
-def _fast_received_info(dataset: BytesLike | Path, transfer_syntax: str) -> InstanceInfo | None:
-    """read_received_info's common case, or None for the pydicom path."""
+def _fast_received_info(dataset: BytesLike | Path, transfer_syntax: str, *,
+                        complete: bool = True) -> InstanceInfo | None:
+    """read_received_info's common case, or None for the pydicom path (or, for bytes that
+    are not `complete`, when the header goes on past them)."""
     implicit = _FAST_SYNTAXES.get(transfer_syntax)
     if implicit is None or not _pydicom_defaults():
         return None
     try:
         if isinstance(dataset, BytesLike):
-            raw = collect_top_level(dataset, 0, implicit, _WANTED, complete=True, vr_of=dictionary_vr)
+            raw = collect_top_level(dataset, 0, implicit, _WANTED, complete=complete,
+                                    vr_of=dictionary_vr)
         else:
             with open(dataset, "rb") as fp:
                 raw = _collect(fp, fp.read(_HEAD), 0, implicit)[0]

@@ -12,9 +12,8 @@ from collections.abc import Callable, Iterator
 
 from pydicom.uid import AllTransferSyntaxes
 
-from pacscli.archive.archive import Archive
+from pacscli.archive.archive import Archive, IncomingInstance
 from pacscli.archive.query import RetrieveItem
-from pacscli.archive.staging import StreamedFile
 from pacscli.config import Settings
 from pacscli.errors import InvalidDicomError, OutOfResourcesError, PacsError, UsageError
 from pacscli.net.dimse import (
@@ -78,7 +77,7 @@ def store_received(archive: Archive, assoc: Association, context: Context, comma
         if dataset.error is not None:
             raise OutOfResourcesError(
                 f"cannot receive into the archive: {dataset.error.strerror or dataset.error}")
-        receiving = dataset.sink if isinstance(dataset.sink, StreamedFile) else None
+        receiving = dataset.sink if isinstance(dataset.sink, IncomingInstance) else None
         result = archive.put_received(dataset.content(), transfer_syntax=context.transfer_syntax,
                                       source_aet=assoc.calling_aet, receiving=receiving)
     except OutOfResourcesError as exc:

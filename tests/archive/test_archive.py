@@ -12,9 +12,8 @@ from pathlib import Path
 import pydicom
 import pytest
 
-from pacscli.archive.archive import Archive
+from pacscli.archive.archive import Archive, IncomingInstance
 from pacscli.archive.index import MIGRATIONS, SCHEMA_VERSION, Index
-from pacscli.archive.staging import StreamedFile
 from pacscli.config import StorageSettings
 from pacscli.dicom.identity import seek_dataset
 from pacscli.errors import InvalidDicomError, OutOfResourcesError
@@ -164,7 +163,7 @@ def test_a_failed_sync_or_rename_commits_no_row(tmp_path: Path, monkeypatch: pyt
 
 
 def _receive(archive: Archive, data: bytes, *, syntax: str, sop_class: str, sop_uid: str,
-             fragment: int = 100_000) -> StreamedFile:
+             fragment: int = 100_000) -> IncomingInstance:
     """What serve does while a C-STORE dataset arrives: write it through, fragment by fragment."""
     receiving = archive.begin_received(sop_class_uid=sop_class, sop_uid=sop_uid,
                                        transfer_syntax=syntax, source_aet="CT1")
@@ -175,21 +174,28 @@ def _receive(archive: Archive, data: bytes, *, syntax: str, sop_class: str, sop_
     return receiving
 
 
-def test_a_dataset_written_while_it_arrives_becomes_the_archived_file(tmp_path: Path) -> None:
+@pytest.mark.parametrize("fragment", [100_000, 64])
+def test_a_dataset_written_while_it_arrives_becomes_the_archived_file(tmp_path: Path,
+                                                                      fragment: int) -> None:
     """When the command named the dataset's own UIDs, the file written during the receive
-    is the one renamed into place (same inode), byte for byte what a plain put writes."""
+    is the one renamed into place (same inode), byte for byte what a plain put writes. Its
+    identity was read from the first piece when that held the whole header, and after the
+    last one otherwise: the same either way."""
     archive = Archive(tmp_path / "archive")
     data, syntax, sop_uid = _dataset_bytes(testdata("explicit_le"))
     sop_class = str(pydicom.dcmread(testdata("explicit_le")).SOPClassUID)
-    receiving = _receive(archive, data, syntax=syntax, sop_class=sop_class, sop_uid=sop_uid)
-    inode = os.stat(receiving.path).st_ino
+    receiving = _receive(archive, data, syntax=syntax, sop_class=sop_class, sop_uid=sop_uid,
+                         fragment=fragment)
+    assert (receiving.info is None) == (fragment == 64)
+    inode = os.stat(receiving.file.path).st_ino
     result = archive.put_received(data, transfer_syntax=syntax, source_aet="CT1",
                                   receiving=receiving)
     assert result.outcome == "stored"
     assert os.stat(result.path).st_ino == inode
     plain = Archive(tmp_path / "plain")
-    assert result.path.read_bytes() == plain.put_received(
-        data, transfer_syntax=syntax, source_aet="CT1").path.read_bytes()
+    plain_result = plain.put_received(data, transfer_syntax=syntax, source_aet="CT1")
+    assert result.info == plain_result.info
+    assert result.path.read_bytes() == plain_result.path.read_bytes()
     assert result.sha256 == hashlib.sha256(result.path.read_bytes()).hexdigest()
     receiving.discard()  # as serve does once the message is answered: the placed file stays
     assert result.path.exists()
@@ -208,15 +214,16 @@ def test_a_written_through_file_that_does_not_fit_is_dropped(tmp_path: Path, cas
     sop_class = str(pydicom.dcmread(testdata("explicit_le")).SOPClassUID)
     if case == "duplicate":
         archive.put_received(data, transfer_syntax=syntax, source_aet="CT1")
-    receiving = _receive(archive, data if case != "short" else data[:-2], syntax=syntax,
-                         sop_class=sop_class, sop_uid="1.2.999" if case == "other-uid" else sop_uid)
+    sent = {"short": data[:-2], "not-dicom": b"\x00" * 64}.get(case, data)
+    receiving = _receive(archive, sent, syntax=syntax, sop_class=sop_class,
+                         sop_uid="1.2.999" if case == "other-uid" else sop_uid)
     if case == "write-error":
-        receiving.error = OSError(errno.ENOSPC, "No space left on device")
+        receiving.file.error = OSError(errno.ENOSPC, "No space left on device")
     held = tmp_path / "held"  # a second name keeps the inode from being reused
-    os.link(receiving.path, held)
+    os.link(receiving.file.path, held)
     if case == "not-dicom":
         with pytest.raises(InvalidDicomError):
-            archive.put_received(b"\x00" * 64, transfer_syntax=syntax, source_aet="CT1",
+            archive.put_received(sent, transfer_syntax=syntax, source_aet="CT1",
                                  receiving=receiving)
         assert instance_files(archive.root) == []
     else:
@@ -226,6 +233,6 @@ def test_a_written_through_file_that_does_not_fit_is_dropped(tmp_path: Path, cas
         assert os.stat(result.path).st_ino != os.stat(held).st_ino
         assert pydicom.dcmread(result.path).file_meta.MediaStorageSOPInstanceUID == sop_uid
         assert result.path.read_bytes().endswith(data)
-    assert not receiving.path.exists() and os.stat(held).st_nlink == 1
+    assert not receiving.file.path.exists() and os.stat(held).st_nlink == 1
     assert not [p for p in archive.staging.iterdir() if p.stat().st_size]
     archive.close()

@@ -36,6 +36,7 @@ from pacscli.dicom.identity import (
     read_instance_info,
     read_meta_values,
     read_raw_top_level,
+    read_received_head,
     read_received_info,
     seek_dataset,
 )
@@ -425,6 +426,35 @@ def test_raw_top_level_leaves_the_unusual_to_pydicom() -> None:
         (sequence(0x00091010, b"", False).replace(b"SQ", b"OB") + explicit_data, EXPLICIT),
     ]:
         assert read_raw_top_level(BytesIO(data), syntax, wanted) is None, syntax
+
+
+@pytest.mark.parametrize("path", ALL_FILES, ids=lambda p: p.name)
+def test_a_head_gives_the_whole_datasets_identity_or_none(path: Path) -> None:
+    """`serve` reads a dataset's identity from its first piece while the rest arrives: cut
+    anywhere, a head gives exactly the whole dataset's answer, or None (then the whole
+    dataset is read after its last fragment). A head holding the whole header of an
+    image gives the answer."""
+    try:
+        info = read_instance_info(path)
+    except InvalidDicomError:
+        return
+    data = path.read_bytes()[info.dataset_offset:]
+    received = outcome(read_received_info, data, info.transfer_syntax)
+    pixel_data = data.find(b"\xe0\x7f\x10\x00")
+    for cut in sorted({16, 256, 1024, 4096, len(data) // 2, len(data)}):
+        head = read_received_head(data[:cut], info.transfer_syntax)
+        assert head is None or head == received, cut
+        if isinstance(received, InstanceInfo) and pixel_data > 0 and pixel_data + 12 <= cut \
+                and _fast_received_info(data, info.transfer_syntax) is not None:
+            assert head == received, cut
+
+
+def test_a_head_with_an_unsafe_uid_gives_none() -> None:
+    """The error is the whole dataset's to report, once it is in."""
+    data = identity_elements(False, SOPInstanceUID=b"1..2") + element(0x7FE00010, "OW", b"\0" * 8)
+    assert read_received_head(data, EXPLICIT) is None
+    with pytest.raises(UnsafeUIDError):
+        read_received_info(data, EXPLICIT)
 
 
 def test_unsafe_and_missing_uids_raise_as_pydicom_does() -> None:

@@ -21,8 +21,7 @@ from pynetdicom.pdu_primitives import A_ASSOCIATE, MaximumLengthNotification
 from pynetdicom.presentation import build_context
 from pynetdicom.sop_class import Verification
 
-from pacscli.archive.archive import Archive
-from pacscli.archive.staging import StreamedFile
+from pacscli.archive.archive import Archive, IncomingInstance
 from pacscli.dicom.identity import seek_dataset
 from pacscli.net.dimse import C_STORE_RQ, HAS_DATASET, decode_command, encode_command
 from pacscli.net.server import SPILL_THRESHOLD, ReceivedDataset
@@ -197,8 +196,8 @@ def test_a_dataset_in_memory_is_written_through_as_it_arrives(tmp_path: Path) ->
     archive = Archive(tmp_path / "archive")
     data = bytes(range(256)) * 2000  # 512,000 bytes, several steps
     dataset = _received(archive, data, [100, len(data) - 100], "1.2.3")
-    receiving = dataset.sink
-    assert isinstance(receiving, StreamedFile)
+    assert isinstance(dataset.sink, IncomingInstance)
+    receiving = dataset.sink.file
     assert dataset.content() == data
     assert receiving.written()  # the association's finish() after the last fragment
     assert receiving.path.read_bytes() == receiving.header + data
