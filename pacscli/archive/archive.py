@@ -12,6 +12,7 @@ writes release the GIL, and inline each cost as much as the sync itself.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import logging
@@ -464,14 +465,20 @@ class Archive:
         return wait
 
     def _place(self, staged: StagedFile, final: Path) -> None:
-        """Rename a synced staged file into place and make the rename durable."""
+        """Rename a synced staged file into place and make the rename durable; when that
+        fails, nothing is left under the real name."""
         try:
             created = self._makedirs(final.parent)
             os.replace(staged.path, final)
+        except OSError as exc:
+            raise _resource_error(exc, f"cannot place {final.name} in the archive") from exc
+        try:
             if self.storage.durability == "fsync":
                 for folder in [final.parent, *created]:
                     _fsync_dir(folder)
         except OSError as exc:
+            with contextlib.suppress(OSError):
+                os.replace(final, staged.path)  # back to staging, which the put clears
             raise _resource_error(exc, f"cannot place {final.name} in the archive") from exc
 
     def _makedirs(self, folder: Path) -> list[Path]:

@@ -136,12 +136,12 @@ def test_schema_2_index_is_migrated_keeping_its_rows(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("received", [False, True])
-@pytest.mark.parametrize("failing", ["fdatasync", "replace"])
+@pytest.mark.parametrize("failing", ["fdatasync", "replace", "fsync"])
 def test_a_failed_sync_or_rename_commits_no_row(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                 failing: str, received: bool) -> None:
-    """The rows are written while the data flushes; when the flush or the rename fails (an
-    I/O error), they are rolled back: out of resources, nothing indexed, nothing placed.
-    The same for a file written while the dataset arrived (serve)."""
+    """The rows are written while the data flushes; when the flush, the rename or the
+    folder's sync fails (an I/O error), they are rolled back: out of resources, nothing
+    indexed, nothing placed. The same for a file written while the dataset arrived (serve)."""
     archive = Archive(tmp_path / "archive")
     data, syntax, sop_uid = _dataset_bytes(testdata("explicit_le"))
     sop_class = str(pydicom.dcmread(testdata("explicit_le")).SOPClassUID)
