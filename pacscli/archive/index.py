@@ -29,6 +29,8 @@ def _columns(level: str) -> str:
 
 # Columns that identify a row: NOT NULL so that UNIQUE constraints see '' as one value.
 _KEY_COLUMNS = {"PatientID", "IssuerOfPatientID", "StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID"}
+# Rows a thread knows the content of: (table, key values) -> (pk, the row's values in order).
+_KnownRows = dict[tuple[str, tuple[object, ...]], tuple[int, tuple[object, ...]]]
 
 # Migrations from version N-1 to N, in order. Version 1 creates the schema.
 MIGRATIONS: dict[int, str] = {
@@ -183,10 +185,12 @@ class Index:
             conn.execute("BEGIN IMMEDIATE")
             try:
                 yield conn
+                conn.execute("COMMIT")
             except BaseException:
-                conn.execute("ROLLBACK")
+                self._forget_parents()  # it may name rows that are not there any more
+                if conn.in_transaction:  # a failed COMMIT may have rolled back already
+                    conn.execute("ROLLBACK")
                 raise
-            conn.execute("COMMIT")
 
     def schema_version(self) -> int:
         """The schema version this index file has."""
@@ -235,20 +239,21 @@ class Index:
     def _upsert_in(self, conn: sqlite3.Connection, info: InstanceInfo, stored: StoredFile) -> None:
         """The rows of `upsert`, inside the caller's transaction."""
         attrs = info.attributes
+        parents = self._known_parents(conn)
         patient_pk = self._upsert_row(
             conn, "patient", ("PatientID", "IssuerOfPatientID"),
             {kw: attrs.get(kw) or "" if kw in _KEY_COLUMNS else attrs.get(kw)
-             for kw in INDEXED_ATTRIBUTES["patient"]}, {},
+             for kw in INDEXED_ATTRIBUTES["patient"]}, {}, parents,
         )
         study_pk = self._upsert_row(
             conn, "study", ("StudyInstanceUID",),
             {kw: attrs.get(kw) for kw in INDEXED_ATTRIBUTES["study"]},
-            {"patient_pk": patient_pk},
+            {"patient_pk": patient_pk}, parents,
         )
         series_pk = self._upsert_row(
             conn, "series", ("SeriesInstanceUID",),
             {kw: attrs.get(kw) for kw in INDEXED_ATTRIBUTES["series"]},
-            {"study_pk": study_pk},
+            {"study_pk": study_pk}, parents,
         )
         self._upsert_row(
             conn, "instance", ("SOPInstanceUID",),
@@ -265,6 +270,20 @@ class Index:
             },
         )
 
+    def _known_parents(self, conn: sqlite3.Connection) -> _KnownRows:
+        """This thread's record of the patient, study and series rows it last wrote or
+        found, emptied when another connection has committed since (SQLite's data_version
+        says so)."""
+        version = conn.execute("PRAGMA data_version").fetchone()[0]
+        known: _KnownRows | None = getattr(self._local, "parents", None)
+        if known is None or self._local.parents_version != version or len(known) > 10_000:
+            known = self._local.parents = {}
+            self._local.parents_version = version
+        return known
+
+    def _forget_parents(self) -> None:
+        self._local.parents = None
+
     @staticmethod
     def _upsert_row(
         conn: sqlite3.Connection,
@@ -272,15 +291,31 @@ class Index:
         keys: tuple[str, ...],
         attributes: dict[str, str | None],
         extra: dict[str, object],
+        known: _KnownRows | None = None,
     ) -> int:
         """Insert a row or update the existing one (the newest instance's values win).
 
         A row whose values are already these is left alone: most instances repeat their
         series', study's and patient's values, and rewriting those rows made every commit
-        write their pages again.
+        write their pages again. A row in `known` with these values is not even read (its
+        SELECT cost ~0.02 ms of every instance received).
         """
         table = _LEVEL_TABLES[level]
         values = {**attributes, **extra}
+        current = tuple(values.values())
+        key = (table, tuple(values[k] for k in keys))
+        if known is not None and (row_known := known.get(key)) is not None \
+                and row_known[1] == current:
+            return row_known[0]
+        pk = Index._write_row(conn, table, keys, values)
+        if known is not None:
+            known[key] = (pk, current)
+        return pk
+
+    @staticmethod
+    def _write_row(conn: sqlite3.Connection, table: str, keys: tuple[str, ...],
+                   values: dict[str, object]) -> int:
+        """Insert the row, or update it when its values differ; return its pk."""
         names = list(values)
         columns = [n for n in names if n not in keys]
         where = " AND ".join(f"{k} = ?" for k in keys)
@@ -349,8 +384,8 @@ class Index:
         with self.transaction() as conn:
             return self._remove_in(conn, sop_uids)
 
-    @staticmethod
-    def _remove_in(conn: sqlite3.Connection, sop_uids: list[str]) -> int:
+    def _remove_in(self, conn: sqlite3.Connection, sop_uids: list[str]) -> int:
+        self._forget_parents()  # parents left empty go
         removed = 0
         for sop_uid in sop_uids:
             row = conn.execute(
@@ -373,6 +408,7 @@ class Index:
 
     def reset(self) -> None:
         """Drop every table and create the schema afresh (`pacs index --rebuild`)."""
+        self._forget_parents()
         try:
             with self.transaction() as conn:
                 for table in ("instances", "series", "studies", "patients"):
