@@ -160,7 +160,7 @@ class BlockWriter:
             if len(self._free) < self._keep:
                 self._free.append(block)
                 return
-        block.close()
+        _unmap(block)
 
     def submit(self, job: _Job) -> None:
         """Write, then hash, the block of `job`."""
@@ -185,7 +185,7 @@ class BlockWriter:
                 thread.join()
         with self._lock:
             for block in self._free:
-                block.close()
+                _unmap(block)
             self._free.clear()
 
     def _loop(self, jobs: queue.SimpleQueue[_Job | None], step: Callable[[_Job], None]) -> None:
@@ -367,6 +367,13 @@ class StreamedFile(StagedFile):
             if self._direct:
                 self._direct = _set_direct(self.fd, False)
             _write_all(self.fd, piece[whole:], offset + whole)
+
+
+def _unmap(block: mmap.mmap) -> None:
+    """Unmap a block now, or when the last view of it goes (one an error's traceback
+    holds, say)."""
+    with contextlib.suppress(BufferError):
+        block.close()
 
 
 def _write_all(fd: int, data: memoryview, offset: int) -> None:
