@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 import pydicom
+from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence as DicomSequence
 from pydicom.tag import BaseTag, Tag
@@ -44,6 +45,7 @@ from pacscli.dicom.query import (
     level_of,
     matcher,
     matches,
+    name_of,
     sequence_matches,
     value_list,
 )
@@ -393,14 +395,26 @@ def _response(plan: _Plan, row: Any, found: Dataset | None, retrieve_aet: str | 
         elif fld.source == "availability":
             value = "ONLINE"
         elif fld.source == "file":
-            _copy_from_file(ds, fld, found, plan.file_identifier, ci)
+            _copy_from_file(ds, fld, found, plan.file_identifier, ci, plan.level)
             continue
         if isinstance(value, str) and not value.isascii():
             non_ascii = True
-        ds.add_new(fld.tag, fld.vr, value)
+        _add_value(ds, fld, value, plan.level)
     if non_ascii or (found is not None and _has_non_ascii(ds)):
         ds.SpecificCharacterSet = "ISO_IR 192"
     return ds
+
+
+def _add_value(ds: Dataset, fld: _Field, value: Any, level: str) -> None:
+    """Put a response value as archived, unvalidated (a date written '1997.04.24' goes back
+    so, without a warning per response). One its VR cannot hold at all (an IS of '1A', as a
+    device wrote it) goes back empty, with a warning: one bad file does not end the query."""
+    try:
+        ds.add(DataElement(fld.tag, fld.vr, value, validation_mode=pydicom.config.IGNORE))
+    except (ValueError, TypeError, OverflowError):
+        log.warning("%s %r at the %s level in the archive is not a valid %s: returned empty",
+                    name_of(fld.tag), value, level.lower(), fld.vr)
+        ds.add_new(fld.tag, fld.vr, None)
 
 
 def _has_non_ascii(ds: Dataset) -> bool:
@@ -417,15 +431,20 @@ def _has_non_ascii(ds: Dataset) -> bool:
 
 
 def _copy_from_file(ds: Dataset, fld: _Field, found: Dataset | None, keys: Dataset | None,
-                    ci: bool) -> None:
+                    ci: bool, level: str) -> None:
     """A response element from the instance file: the value, or for a sequence the items that
     match the query item, with the query item's keys (all of an item when it asks for none)."""
-    elem = found.get(fld.tag) if found is not None else None
+    try:
+        elem = found.get(fld.tag) if found is not None else None
+    except (ValueError, TypeError, OverflowError):  # a value its VR cannot hold: as empty
+        log.warning("%s in an archived file at the %s level cannot be read: returned empty",
+                    name_of(fld.tag), level.lower())
+        elem = None
     if elem is None or (fld.vr not in (elem.VR, "SQ")):
         ds.add_new(fld.tag, fld.vr, DicomSequence([]) if fld.vr == "SQ" else None)
         return
     if fld.vr != "SQ":
-        ds.add_new(fld.tag, fld.vr, elem.value)
+        _add_value(ds, fld, elem.value, level)
         return
     query_items = keys[fld.tag].value if keys is not None and fld.tag in keys else []
     items = list(elem.value) if elem.VR == "SQ" else []

@@ -11,8 +11,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence
+from pydicom.tag import Tag
 
 from pacscli.archive.archive import Archive
 from pacscli.archive.index import SCHEMA_VERSION, Index
@@ -195,6 +197,49 @@ def test_lower_level_keys_are_ignored_by_the_engine(archive: Archive) -> None:
     identifier.Modality = "MR"  # a series key at study level: not supported, not matched
     found = list(find(archive.index, "study", identifier))
     assert len(found) == 2 and all(not ds.Modality for ds in found)
+
+
+def test_values_as_devices_wrote_them(tmp_path: Path, caplog: pytest.LogCaptureFixture,
+                                      recwarn: pytest.WarningsRecorder) -> None:
+    """A date in the old dotted form comes back as archived, without a warning per response;
+    an IS that no number reads ('1A'), in the index or only in the file, comes back empty with
+    one warning, and the query goes on to the other instances."""
+    study = f"{UID_ROOT}.1.77"
+    bad = synthetic(study, f"{UID_ROOT}.2.77", f"{UID_ROOT}.3.77.1", name="DOE^BAD",
+                    patient_id="BAD1", date="20240101", modality="CT", number=1)
+    with pytest.warns(UserWarning):  # pydicom's own warning when the test writes it
+        bad.StudyDate = "1997.04.24"
+    for keyword in ("NumberOfFrames", "StageNumber"):
+        tag = Tag(keyword)
+        bad[tag] = RawDataElement(tag, "IS", 2, b"1A", 0, False, True)
+    good = synthetic(study, f"{UID_ROOT}.2.77", f"{UID_ROOT}.3.77.2", name="DOE^BAD",
+                     patient_id="BAD1", date="20240101", modality="CT", number=2,
+                     NumberOfFrames=1, StageNumber=3)
+    good.StudyDate = "1997.04.24"
+    store = Archive(tmp_path / "archive")
+    try:
+        for ds in (bad, good):
+            store.put(save(ds, tmp_path / "files" / f"{ds.InstanceNumber}.dcm"))
+        recwarn.clear()
+        caplog.clear()
+        [found] = run(store, "study", f"StudyInstanceUID={study}", "StudyDate")
+        assert found["StudyDate"] == "1997.04.24"
+        assert not [w for w in recwarn if issubclass(w.category, UserWarning)]
+        assert not caplog.records
+        images = run(store, "image", f"StudyInstanceUID={study}", "NumberOfFrames",
+                      "StageNumber", "InstanceNumber")
+    finally:
+        store.close()
+    by_number = {r["InstanceNumber"]: r for r in images}
+    assert set(by_number) == {1, 2}
+    assert by_number[1]["NumberOfFrames"] is None and by_number[1]["StageNumber"] is None
+    assert by_number[2]["NumberOfFrames"] == 1 and by_number[2]["StageNumber"] == 3
+    warned = [r.getMessage() for r in caplog.records if r.name == "pacscli.archive.query"]
+    # NumberOfFrames is an index column; StageNumber is read from the file
+    assert "NumberOfFrames '1A' at the image level in the archive is not a valid IS: " \
+        "returned empty" in warned
+    assert "StageNumber '1A' at the image level in the archive is not a valid IS: " \
+        "returned empty" in warned
 
 
 def test_non_ascii_results_carry_utf8_charset(archive: Archive) -> None:
