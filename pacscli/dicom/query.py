@@ -13,13 +13,14 @@
 from __future__ import annotations
 
 import re
-import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Any, Literal
 
+from pydicom import config
 from pydicom.datadict import dictionary_VM, dictionary_VR, keyword_for_tag, tag_for_keyword
+from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence as DicomSequence
 from pydicom.tag import BaseTag, Tag
@@ -257,9 +258,11 @@ def set_key(ds: Dataset, path: Sequence[BaseTag], value: str) -> None:
                                  f"{name_of(tag)}[0].Keyword=VALUE")
             ds.add_new(tag, "SQ", DicomSequence([]))
         else:
-            with warnings.catch_warnings():  # ranges, wildcards and lists are not VR syntax
-                warnings.simplefilter("ignore")
-                ds.add_new(tag, vr, _typed(vr, value))
+            try:  # unvalidated: ranges, wildcards and lists are not VR syntax
+                ds.add(DataElement(tag, vr, _typed(vr, value), validation_mode=config.IGNORE))
+            except (ValueError, OverflowError):  # '1-3' for an IS: no range matching there
+                raise UsageError(f"{value!r} is not a valid {vr} value for "
+                                 f"{name_of(tag)}") from None
         return
     if tag not in ds or not ds[tag].value:
         ds.add_new(tag, "SQ", DicomSequence([Dataset()]))

@@ -43,6 +43,18 @@ def test_parse_key() -> None:
         parse_key("=X")
 
 
+def test_values_outside_their_vr_syntax() -> None:
+    """Wildcards, ranges and lists are kept as written; a range on an IS is a usage error (no
+    range matching there), reported as such rather than as a traceback."""
+    query = build_query("image", ["StudyDate=20240101-20240131", "PatientName=SMI*",
+                                  "InstanceNumber=1\\2", "StudyInstanceUID=1.2"])
+    assert query.identifier.StudyDate == "20240101-20240131"
+    assert query.identifier.PatientName == "SMI*"
+    assert list(query.identifier.InstanceNumber) == [1, 2]
+    with pytest.raises(UsageError, match="'1-3' is not a valid IS value for InstanceNumber"):
+        build_query("image", ["InstanceNumber=1-3", "StudyInstanceUID=1.2"])
+
+
 def test_levels_and_models() -> None:
     assert check_level("instance", "study") == ("IMAGE", "study")
     assert check_level("Patient", "patient-root") == ("PATIENT", "patient")
