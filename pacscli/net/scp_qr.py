@@ -231,7 +231,9 @@ def handle_move(settings: Settings, archive: Archive,
             return
         counts = SubOperations(len(items))
         try:
-            for record in send(settings, destination, items):
+            # Nothing matched: success with no sub-operations, as for C-GET (pacs store
+            # would refuse an empty list as a usage error).
+            for record in send(settings, destination, items) if items else ():
                 counts.add(str(record.get("status")), str(record.get("SOPInstanceUID", "")))
                 if counts.remaining and assoc.cancel_requested(command.message_id):
                     _respond(assoc, context, C_MOVE_RSP, command, CANCELLED, counts=counts)

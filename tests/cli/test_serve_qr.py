@@ -130,6 +130,21 @@ def test_move_to_an_unknown_destination_is_a801(qr: tuple[Server, list[Path], St
     assert "[remotes.NOWHERE]" in server.stderr()
 
 
+def test_move_of_nothing_known_is_success_with_no_sub_operations(
+        qr: tuple[Server, list[Path], StoreSCP], tmp_path: Path) -> None:
+    """A study the archive does not hold: success and nothing sent, as for C-GET; it used to
+    be 0xA702 with `pacs store`'s "nothing to store" as the comment."""
+    server, _, dest = qr
+    dest.clear()
+    result = dcmtk("movescu", server, "-S", "-v", "-aem", "STORESCP", "-k",
+                   "QueryRetrieveLevel=STUDY", "-k", "StudyInstanceUID=9.9.9", cwd=tmp_path)
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output
+    assert "Success" in output and "OutOfResources" not in output
+    assert dest.received() == set()
+    assert "nothing to store" not in server.stderr()
+
+
 def test_get_study_and_series(qr: tuple[Server, list[Path], StoreSCP], tmp_path: Path) -> None:
     server, files, _ = qr
     result = dcmtk("getscu", server, "-S", "-k", "QueryRetrieveLevel=STUDY",
