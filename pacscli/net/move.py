@@ -96,7 +96,9 @@ def _reach_hint(remote: Remote, dest: str, receiving: tuple[str, int] | None) ->
     if receiving is not None:
         return (f"; nothing arrived here: {remote.ae_title} must send {dest} to this host, "
                 f"port {receiving[1]}, and be able to connect to it")
-    return f"; can {remote.ae_title} connect to {dest} at the address it has for it?"
+    return (f"; can {remote.ae_title} connect to {dest} at the address it has for it, and "
+            f"does {dest} accept these instances' SOP classes and transfer syntaxes? "
+            f"{remote.ae_title}'s log says which")
 
 
 def move(settings: Settings, remote: Remote, requests: Iterable[RetrieveRequest | Record],
