@@ -42,6 +42,7 @@ from pacscli.dicom.identity import (
     seek_dataset,
 )
 from pacscli.dicom.part10 import part10_header
+from pacscli.dicom.scan import scan_dataset
 from pacscli.errors import ArchiveError, InvalidDicomError, OutOfResourcesError, PacsError
 
 try:
@@ -212,6 +213,7 @@ class Archive:
         `put` does.
         """
         try:
+            _check_whole(dataset, transfer_syntax)
             info = receiving.info if receiving is not None and receiving.info is not None \
                 else read_received_info(dataset, transfer_syntax)
             header = self._file_meta_bytes(info, source_aet)
@@ -534,6 +536,20 @@ class IncomingInstance:
     def discard(self) -> None:
         """Drop the file unless it was placed (may be called more than once)."""
         self.file.discard()
+
+
+def _check_whole(dataset: BytesLike | Path, transfer_syntax: str) -> None:
+    """Refuse a received dataset that is cut short (a sender's truncated file), raising
+    InvalidDicomError: pydicom reads one without complaint, and the archive would serve it
+    as whole, or let it replace a whole copy."""
+    if isinstance(dataset, Path):
+        with open(dataset, "rb") as fp:
+            if os.fstat(fp.fileno()).st_size == 0:
+                return  # nothing to walk: reading its identity reports it
+            with mmap.mmap(fp.fileno(), 0, access=mmap.ACCESS_READ) as data:
+                scan_dataset(data, 0, transfer_syntax)
+    else:
+        scan_dataset(memoryview(dataset).cast("B"), 0, transfer_syntax)
 
 
 def _same_dataset(archived: Path, source: BytesLike | Path, source_offset: int) -> bool:

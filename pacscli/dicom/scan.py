@@ -103,7 +103,8 @@ def _text(raw: bytes) -> str:
 class _Walker:
     """Walks element headers over a buffer, checking every length against its end."""
 
-    def __init__(self, buf: Buffer, end: int, little: bool, want: frozenset[int]) -> None:
+    def __init__(self, buf: Buffer | memoryview, end: int, little: bool,
+                 want: frozenset[int]) -> None:
         self.buf = buf
         self.end = end
         self.little = little
@@ -245,12 +246,21 @@ def scan_part10(buf: Buffer, want: Iterable[int] = ()) -> ScanResult:
         dataset_offset=pos,
         media_sop_class=_text(meta.get(0x0002, b"")),
     )
-    body: Buffer = buf
-    start, end = pos, size
+    result.values = scan_dataset(buf, pos, transfer_syntax, want)
+    return result
+
+
+def scan_dataset(buf: Buffer | memoryview, start: int, transfer_syntax: str,
+                 want: Iterable[int] = ()) -> dict[int, bytes]:
+    """Check the structure of the dataset in buf[start:] (encoded in `transfer_syntax`) as
+    `scan_part10` does; return the values of the top-level tags in `want`. `pacs serve`
+    checks each received dataset so, before storing it."""
+    body: Buffer | memoryview = buf
+    end = len(buf)
     if transfer_syntax in DEFLATED:
         inflater = zlib.decompressobj(-zlib.MAX_WBITS)
         try:
-            body = inflater.decompress(bytes(buf[pos:])) + inflater.flush()
+            body = inflater.decompress(bytes(buf[start:])) + inflater.flush()
         except zlib.error as exc:
             raise _invalid(f"the deflated dataset does not inflate: {exc}") from exc
         if not inflater.eof:
@@ -259,15 +269,14 @@ def scan_part10(buf: Buffer, want: Iterable[int] = ()) -> ScanResult:
     little = transfer_syntax != EXPLICIT_VR_BIG_ENDIAN
     implicit = transfer_syntax == IMPLICIT_VR_LITTLE_ENDIAN
     if end - start >= 6 and not implicit:
-        vr = body[start + 4:start + 6]
+        vr = bytes(body[start + 4:start + 6])
         implicit = not (b"AA" <= vr <= b"ZZ")  # mislabelled files (as pydicom reads them)
     walker = _Walker(body, end, little, want if isinstance(want, frozenset) else frozenset(want))
     walker.dataset(start, implicit, in_item=False, depth=0)
     if _ROWS in walker.seen and not walker.seen & {_PIXEL_DATA, _PIXEL_DATA_PROVIDER}:
         # An image without pixel data: cut short exactly between two elements before them
         raise _truncated("the image has Rows but no Pixel Data")
-    result.values = walker.values
-    return result
+    return walker.values
 
 
 class Part10File:

@@ -173,6 +173,42 @@ def test_conflict_policy_replace_keeps_the_old_version_aside(tmp_path: Path) -> 
     assert [r["outcome"] for r in records(server)] == ["stored", "replaced"]
 
 
+def test_a_truncated_dataset_is_refused_and_replaces_nothing(tmp_path: Path) -> None:
+    """A file cut inside its pixel data, sent as it is (pynetdicom's chunked send puts the
+    file's bytes on the wire): 0xC000 and a failed record, even under --on-conflict replace
+    after a whole copy; the whole copy stays. pydicom itself reads such a file without
+    complaint, so only a walk of the element lengths tells."""
+    from pynetdicom import _config
+
+    path = testdata("explicit_le")
+    data = path.read_bytes()
+    cut = tmp_path / "cut.dcm"
+    cut.write_bytes(data[:len(data) - 1000])
+    pydicom.dcmread(cut)  # no complaint
+    server = start_server(tmp_path / "serve", "--on-conflict", "replace")
+    _config.STORE_SEND_CHUNKED_DATASET = True
+    try:
+        ds = pydicom.dcmread(path, stop_before_pixels=True)
+        ae = AE(ae_title="MODALITY")
+        ae.add_requested_context(ds.SOPClassUID, ds.file_meta.TransferSyntaxUID)
+        assoc = ae.associate("127.0.0.1", server.port, ae_title="PACSCLI")
+        assert assoc.send_c_store(path).Status == 0x0000
+        assert assoc.send_c_store(cut).Status == 0xC000
+        assoc.release()
+        time.sleep(0.3)
+    finally:
+        _config.STORE_SEND_CHUNKED_DATASET = False
+        server.stop()
+    whole, refused = records(server)
+    assert whole["outcome"] == "stored"
+    assert refused["status"] == "failed" and refused["dimse_status"] == 0xC000
+    assert "truncated" in str(refused["error"])
+    (_, rel, _, _), = index_rows(server.archive)
+    assert (server.archive / rel).read_bytes()[-1000:] == data[-1000:]
+    assert not (server.archive / ".replaced").exists()
+    assert archived_files(server.archive) == [server.archive / rel]
+
+
 @pytest.mark.parametrize("field,value", [
     ("StudyInstanceUID", "../../x"),
     ("SeriesInstanceUID", ".."),
