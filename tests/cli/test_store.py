@@ -254,6 +254,23 @@ def test_undecodable_file_fails_alone(tmp_path: Path, storescp: Storescp) -> Non
     assert len(list(out.iterdir())) == 1
 
 
+def test_truncated_files_fail_and_are_not_sent(tmp_path: Path, storescp: Storescp) -> None:
+    """pydicom reads a file cut inside its pixel data without complaint, and the peer would
+    archive it as whole: it gets a `truncated` failure instead, and the others still go."""
+    remote, out = storescp()
+    whole = testdata("explicit_le")
+    data = whole.read_bytes()
+    cut = tmp_path / "cut.dcm"
+    cut.write_bytes(data[:len(data) // 2])
+    result = pacs_store(tmp_path, remote, str(cut), str(whole))
+    assert result.returncode == 1, result.stderr
+    bad, good = records(result)
+    assert bad["path"] == str(cut) and bad["status"] == "failed"
+    assert bad["error"]["code"] == "truncated" and "(7FE0,0010) declares" in bad["error"]["message"]
+    assert good["status"] == "ok"
+    assert len(list(out.iterdir())) == 1
+
+
 # --- dirty files from real devices ------------------------------------------------------------
 
 def test_dirty_files_are_fixed_and_received(tmp_path: Path, storescp: Storescp) -> None:
