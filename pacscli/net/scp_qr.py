@@ -321,8 +321,9 @@ def _get_one(assoc: Association, item: RetrieveItem) -> str:
             dataset: bytes | OutgoingDataset = _convert(item, store_context.transfer_syntax)
         else:
             dataset = assoc.open_dataset(store_context.id, DatasetFile(item.path))
-    except (OSError, PacsError, ValueError) as exc:
-        log.error("C-GET: cannot read %s: %s", item.path, exc)
+    except Exception as exc:  # pydicom raises many kinds on a file it cannot convert
+        log.error("C-GET: cannot %s %s: %s", "convert" if convert else "read", item.path,
+                  getattr(exc, "message", None) or f"{type(exc).__name__}: {exc}")
         return "failed"
     try:
         assoc.send_message(store_context.id, command, dataset)  # streamed, never decoded

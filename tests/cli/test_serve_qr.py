@@ -14,7 +14,7 @@ from pynetdicom import AE
 from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind
 
 from pacscli.archive.archive import Archive
-from tests.conftest import DCMTK_ENV, Server, free_port, require, start_server
+from tests.conftest import DCMTK_ENV, Server, free_port, require, start_server, testdata
 from tests.qr_data import (
     HOLMES_SERIES_1,
     HOLMES_STUDY_1,
@@ -157,6 +157,36 @@ def test_get_study_and_series(qr: tuple[Server, list[Path], StoreSCP], tmp_path:
                    "-k", f"SeriesInstanceUID={HOLMES_SERIES_1}", cwd=tmp_path / "series")
     assert result.returncode == 0, result.stderr
     assert len(list((tmp_path / "series").iterdir())) == 2
+
+
+def test_get_goes_on_past_an_instance_it_cannot_convert(tmp_path: Path) -> None:
+    """getscu takes uncompressed syntaxes only: an archived JPEG whose data cannot be
+    decoded fails its own sub-operation, and the association carries the rest (the error
+    pydicom raised used to abort it)."""
+    study = "1.2.826.0.1.3680043.2.1125.77.1"
+    broken = pydicom.dcmread(testdata("jpeg_baseline"))
+    broken.PixelData = b"\xfe\xff\x00\xe0\x00\x00\x00\x00" + b"\xfe\xff\x00\xe0\x04\x00\x00\x00" \
+        + b"\xff\xd8\xff\xd9"
+    broken.StudyInstanceUID = study
+    broken.save_as(tmp_path / "broken.dcm")
+    good = pydicom.dcmread(testdata("explicit_le"))
+    good.StudyInstanceUID = study
+    good.save_as(tmp_path / "good.dcm")
+    archive = Archive(tmp_path / "archive")
+    for name in ("broken.dcm", "good.dcm"):
+        archive.put(tmp_path / name)
+    archive.close()
+    server = start_server(tmp_path / "serve", archive=tmp_path / "archive")
+    try:
+        result = dcmtk("getscu", server, "-S", "-k", "QueryRetrieveLevel=STUDY",
+                       "-k", f"StudyInstanceUID={study}", cwd=tmp_path / "got")
+    finally:
+        server.stop()
+    output = result.stdout + result.stderr
+    assert "abort" not in output.lower(), output
+    [received] = (tmp_path / "got").iterdir()
+    assert pydicom.dcmread(received).SOPInstanceUID == good.SOPInstanceUID
+    assert f"C-GET: cannot convert {tmp_path / 'archive'}" in server.stderr()
 
 
 def test_c_cancel_stops_a_large_find(tmp_path: Path) -> None:
