@@ -74,15 +74,23 @@ def associate(
                            code="name-resolution") from exc
     received: list[Any] = []
     connected: list[bool] = []
+    # In order: "closed" when the connection closed, and the class name of each primitive
+    # the ACSE got ("A_ABORT" from the peer, "A_P_ABORT" from the local upper layer).
+    happened: list[str] = []
 
     def on_acse_recv(event: evt.Event) -> None:
         received.append(event.primitive)
+        happened.append(type(event.primitive).__name__)
 
     def on_conn_open(event: evt.Event) -> None:
         connected.append(True)
 
+    def on_conn_close(event: evt.Event) -> None:
+        happened.append("closed")
+
     handlers = [NODELAY_HANDLER, (evt.EVT_CONN_OPEN, on_conn_open),
-                (evt.EVT_ACSE_RECV, on_acse_recv), *evt_handlers]
+                (evt.EVT_CONN_CLOSE, on_conn_close), (evt.EVT_ACSE_RECV, on_acse_recv),
+                *evt_handlers]
     assoc = ae.associate(
         remote.host,
         remote.port,
@@ -112,8 +120,16 @@ def associate(
         raise NetworkError(f"cannot associate with {remote}: "
                            f"{diagnose_connection(remote, ae.connection_timeout or 10)}",
                            code="connection-failed")
-    if assoc.is_aborted:
+    # pynetdicom marks the association aborted however negotiation ended; what it received
+    # tells the peer's A-ABORT from a closed connection, bytes that are not DICOM, or silence.
+    if "A_ABORT" in happened:
         raise NetworkError(f"{remote} aborted the association during negotiation",
+                           code="association-aborted")
+    if "A_P_ABORT" in happened:
+        closed_first = "closed" in happened[:happened.index("A_P_ABORT")]
+        what = ("closed the connection during association negotiation" if closed_first
+                else "answered the association request with something that is not DICOM")
+        raise NetworkError(f"{remote} {what} (is it a DICOM service? TLS expected?)",
                            code="association-aborted")
     raise NetworkError(f"{remote} accepted the TCP connection but did not answer the "
                        f"association request within {ae.acse_timeout:g} s", code="acse-timeout")

@@ -155,6 +155,42 @@ def test_echo_connection_refused(tmp_path: Path) -> None:
     assert record["status"] == "failed" and record["error"]["code"] == "connection-failed"
 
 
+def _raw_peer(answer: bytes | None) -> int:
+    """A TCP peer that reads the association request, then sends `answer` (None: nothing)
+    and closes: at once after an empty answer, else 3 s later, as a web server keeping its
+    connection alive would. It serves one connection."""
+    import socket
+
+    listener = socket.create_server(("127.0.0.1", 0))
+    port = int(listener.getsockname()[1])
+
+    def serve() -> None:
+        with listener, listener.accept()[0] as conn:
+            conn.recv(65536)
+            if answer:
+                conn.sendall(answer)
+            if answer != b"":
+                time.sleep(3)
+
+    threading.Thread(target=serve, daemon=True).start()
+    return port
+
+
+@pytest.mark.parametrize("answer, says", [
+    (b"HTTP/1.1 400 Bad Request\r\n\r\n",
+     "answered the association request with something that is not DICOM"),
+    (b"", "closed the connection during association negotiation"),
+    (None, "accepted the TCP connection but did not answer the association request within 1 s"),
+])
+def test_echo_peer_that_is_not_dicom(tmp_path: Path, answer: bytes | None, says: str) -> None:
+    """Nothing aborted the association: a web server, a peer that hangs up, a silent one.
+    Each is told apart, not reported as an abort (as it was)."""
+    result = pacs_echo(tmp_path, f"X@127.0.0.1:{_raw_peer(answer)}", "--timeout", "1")
+    assert result.returncode == 3
+    assert says in result.stderr, result.stderr
+    assert "aborted" not in result.stderr
+
+
 def test_echo_unresolvable_host(tmp_path: Path) -> None:
     result = pacs_echo(tmp_path, "X@no-such-host.invalid:104")
     assert result.returncode == 3
