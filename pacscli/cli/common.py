@@ -5,6 +5,7 @@ Only pacscli/cli imports typer, rich and tqdm; the core returns records and rais
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import logging
@@ -64,8 +65,12 @@ def fail(message: str, code: int = ExitCode.USAGE) -> NoReturn:
     raise typer.Exit(code)
 
 
-def run(body: Callable[[], T]) -> T:
-    """Run a command's body, turning PacsError and Ctrl-C into a message and an exit code."""
+def run(body: Callable[[], T], *, read_only: bool = False) -> T:
+    """Run a command's body, turning PacsError and Ctrl-C into a message and an exit code.
+
+    When the reader of our output goes away (`| head`), a `read_only` command (find, echo)
+    exits 0, its reader having had what it wanted; any other stops with what is left undone,
+    so it says so and exits 130 (interrupted), never 0 (all done)."""
     try:
         return body()
     except PacsError as exc:
@@ -74,9 +79,12 @@ def run(body: Callable[[], T]) -> T:
         typer.echo("pacs: interrupted", err=True)
         raise typer.Exit(ExitCode.INTERRUPTED) from None
     except BrokenPipeError:
-        # The reader of our output went away (e.g. `| head`): not an error of ours.
-        sys.stderr.close()
-        raise typer.Exit(ExitCode.OK) from None
+        if not read_only:
+            with contextlib.suppress(OSError):
+                typer.echo("pacs: output closed (broken pipe): stopped before all was done",
+                           err=True)
+        sys.stderr.close()  # and no second complaint from Python at exit
+        raise typer.Exit(ExitCode.OK if read_only else ExitCode.INTERRUPTED) from None
 
 
 def input_records(args: list[str] | None, stdin: TextIO | None = None) -> Iterator[Record]:

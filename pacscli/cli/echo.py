@@ -72,7 +72,7 @@ def echo(
             typer.echo(_summary(records), err=True)
         return 0
 
-    raise typer.Exit(run(body))
+    raise typer.Exit(run(body, read_only=True))
 
 
 def _summary(records: list[Record]) -> str:

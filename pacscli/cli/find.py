@@ -115,4 +115,4 @@ def find(
                        f"{'' if count == 1 else 'es'} in {elapsed:.1f} ms ({where})", err=True)
         return 0
 
-    raise typer.Exit(run(body))
+    raise typer.Exit(run(body, read_only=True))

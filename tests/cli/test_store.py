@@ -381,6 +381,25 @@ def test_sop_class_the_peer_refuses(tmp_path: Path, storescp: Storescp) -> None:
     assert refused["error"]["code"] == "no-accepted-context"
 
 
+def test_output_closed_mid_run_is_not_all_done(tmp_path: Path, storescp: Storescp) -> None:
+    """`pacs store DIR | head -1`: the reader goes away, the rest is not sent, and store says
+    so and exits 130 rather than 0 (all done)."""
+    remote, _ = storescp()
+    folder = tmp_path / "many"
+    folder.mkdir()
+    for n in range(200):
+        (folder / f"{n:03}.dcm").write_bytes(testdata("explicit_le").read_bytes())
+    (tmp_path / "config.toml").write_text("")
+    proc = subprocess.Popen(pacs_cmd("store", remote, str(folder)), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, stdin=subprocess.DEVNULL,
+                            env={**os.environ, "PACS_CONFIG": str(tmp_path / "config.toml")})
+    assert proc.stdout is not None and proc.stderr is not None
+    assert json.loads(proc.stdout.readline())["status"] == "ok"
+    proc.stdout.close()
+    assert proc.wait(120) == 130
+    assert "output closed (broken pipe): stopped before all was done" in proc.stderr.read().decode()
+
+
 def test_no_inputs_is_usage_error(tmp_path: Path) -> None:
     result = pacs_store(tmp_path, f"X@127.0.0.1:{free_port()}")
     assert result.returncode == 2
