@@ -204,6 +204,8 @@ def _build(cls: Any, values: dict[str, Any], section: str) -> Any:
             raise ConfigError(f"[{section}] {name} must be a number, not {value!r}")
         if not numeric and not isinstance(value, type(default)):
             raise ConfigError(f"[{section}] {name} has the wrong type: {value!r}")
+    if "port" in values and not 0 <= values["port"] <= 65535:
+        raise ConfigError(f"[{section}] port must be 0 to 65535, not {values['port']!r}")
     return obj
 
 

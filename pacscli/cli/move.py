@@ -78,7 +78,7 @@ def move(
         "--receive", help="Receive the instances here, into the archive, with a storage SCP "
                           "run for the duration of the command")] = False,
     port: Annotated[int | None, typer.Option(
-        "--port", show_default=False,
+        "--port", min=0, max=65535, show_default=False,
         help="Port the --receive storage SCP listens on (the one the remote knows for the "
              "destination) (default: serve.port, 11112)")] = None,
     bind: Annotated[str, typer.Option(

@@ -26,7 +26,8 @@ COLUMNS = ["status", "remote", "PatientID", "SOPInstanceUID", "outcome", "error"
 
 def serve(
     port: Annotated[int | None, typer.Option(
-        "--port", help="TCP port (default: serve.port in the config, else 11112)")] = None,
+        "--port", min=0, max=65535,
+        help="TCP port (default: serve.port in the config, else 11112)")] = None,
     bind: Annotated[str | None, typer.Option(
         "--bind", help="Address to listen on (default: all interfaces)")] = None,
     allow: Annotated[list[str] | None, typer.Option(

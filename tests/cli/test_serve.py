@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 import sqlite3
 import subprocess
@@ -17,7 +18,15 @@ from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 from pynetdicom import AE
 
 from scripts.benchdata import make_ct_series
-from tests.conftest import DCMTK_ENV, TESTDATA, Server, require, start_server, testdata
+from tests.conftest import (
+    DCMTK_ENV,
+    TESTDATA,
+    Server,
+    pacs_cmd,
+    require,
+    start_server,
+    testdata,
+)
 
 
 def records(server: Server) -> list[dict[str, object]]:
@@ -396,3 +405,20 @@ def test_allow_rejects_unknown_calling_ae(tmp_path: Path) -> None:
         assert good.returncode == 0, good.stderr
     finally:
         server.stop()
+
+
+@pytest.mark.parametrize("option, config, says", [
+    (["--port", "99999"], "", "99999 is not in the range 0<=x<=65535"),
+    (["--port", "-5"], "", "-5 is not in the range 0<=x<=65535"),
+    ([], "[serve]\nport = 99999\n", "[serve] port must be 0 to 65535, not 99999"),
+])
+def test_a_port_out_of_range_is_a_usage_error(tmp_path: Path, option: list[str], config: str,
+                                              says: str) -> None:
+    """Exit 2 and one line, not bind()'s OverflowError and a traceback."""
+    (tmp_path / "config.toml").write_text(config)
+    result = subprocess.run(
+        pacs_cmd("serve", "--archive", str(tmp_path / "archive"), *option),
+        capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL,
+        env={**os.environ, "PACS_CONFIG": str(tmp_path / "config.toml"), "COLUMNS": "200"})
+    assert result.returncode == 2, result.stderr
+    assert says in result.stderr and "Traceback" not in result.stderr
