@@ -100,11 +100,26 @@ COMMON_STORAGE = (
     "BasicVoiceAudioWaveformStorage", "ParametricMapStorage",
 )
 
-# What we accept on each storage context: uncompressed first, then every other syntax
-# pydicom knows, so that compressed instances can come as they are stored.
+# What we accept on each SOP class's main storage context: uncompressed first, then every
+# other syntax pydicom knows. A sender picks one syntax per context, and most (pacs serve
+# among them) pick the first they can: this context brings uncompressed data.
 RECEIVE_SYNTAXES = [str(ExplicitVRLittleEndian), str(ImplicitVRLittleEndian)] + [
     str(ts) for ts in AllTransferSyntaxes
     if str(ts) not in (ExplicitVRLittleEndian, ImplicitVRLittleEndian)]
+
+# So that an image stored compressed can come as stored (not decoded by the sender, which
+# also expands lossy JPEG), the image classes most often stored so get a context of their
+# own per common compressed syntax: JPEG baseline, JPEG lossless, JPEG 2000 (lossless and
+# lossy) and RLE. The hinted classes come first. 8 classes x 5 syntaxes leave room for the
+# main contexts of every class in COMMON_STORAGE.
+STORED_SYNTAXES = ("1.2.840.10008.1.2.4.50", "1.2.840.10008.1.2.4.70", "1.2.840.10008.1.2.4.90",
+                   "1.2.840.10008.1.2.4.91", "1.2.840.10008.1.2.5")
+COMPRESSED_IMAGE_CLASSES = (
+    "CTImageStorage", "MRImageStorage", "ComputedRadiographyImageStorage",
+    "DigitalXRayImageStorageForPresentation", "DigitalMammographyXRayImageStorageForPresentation",
+    "UltrasoundImageStorage", "UltrasoundMultiFrameImageStorage",
+    "SecondaryCaptureImageStorage",
+)
 
 
 def storage_classes_to_offer(hints: Iterable[str], room: int) -> list[str]:
@@ -121,12 +136,21 @@ def storage_classes_to_offer(hints: Iterable[str], room: int) -> list[str]:
 
 
 def get_contexts(model: str, hints: Iterable[str]) -> tuple[list[PresentationContext], list[Any]]:
-    """The presentation contexts of a C-GET association, and the SCP role selections."""
+    """The presentation contexts of a C-GET association, and the SCP role selections: for
+    each storage class offered, its main context (RECEIVE_SYNTAXES); for the first
+    COMPRESSED_IMAGE_CLASSES (hinted image classes first), one more per STORED_SYNTAXES."""
+    hints = list(hints)
     contexts = [build_context(QR_MODELS[model]["get"]), build_context(QR_MODELS["study"]["find"])]
     if model == "patient":
         contexts.append(build_context(QR_MODELS["patient"]["find"]))
-    storage = storage_classes_to_offer(hints, MAX_CONTEXTS - len(contexts))
+    images = [str(getattr(sop_classes, name)) for name in COMPRESSED_IMAGE_CLASSES]
+    compressed = [uid for uid in dict.fromkeys([*hints, *images]) if uid in images or
+                  uid in hints][:len(COMPRESSED_IMAGE_CLASSES)]
+    room = MAX_CONTEXTS - len(contexts) - len(compressed) * len(STORED_SYNTAXES)
+    storage = storage_classes_to_offer(hints, room)
+    compressed = [uid for uid in compressed if uid in storage]
     contexts += [build_context(uid, RECEIVE_SYNTAXES) for uid in storage]
+    contexts += [build_context(uid, syntax) for uid in compressed for syntax in STORED_SYNTAXES]
     roles = [build_role(uid, scp_role=True) for uid in storage]
     return contexts, roles
 

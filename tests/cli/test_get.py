@@ -8,11 +8,19 @@ from pathlib import Path
 from typing import Any
 
 import pydicom
+import pynetdicom.sop_class as sop_classes
 import pytest
 
 from pacscli import IMPLEMENTATION_CLASS_UID
-from pacscli.net.get import MAX_CONTEXTS, get_contexts, storage_classes_to_offer
-from tests.conftest import free_port
+from pacscli.archive.archive import Archive
+from pacscli.net.get import (
+    COMMON_STORAGE,
+    MAX_CONTEXTS,
+    STORED_SYNTAXES,
+    get_contexts,
+    storage_classes_to_offer,
+)
+from tests.conftest import free_port, start_server, testdata
 from tests.qr_data import (
     HOLMES_SERIES_1,
     HOLMES_STUDY_1,
@@ -175,6 +183,41 @@ def test_storage_contexts_fit_pynetdicom_limit() -> None:
     offered = storage_classes_to_offer(["9.9.9", hinted], 10)
     assert offered[:2] == ["9.9.9", hinted] and len(offered) == 10
     contexts, roles = get_contexts("patient", [hinted])
-    assert len(contexts) == MAX_CONTEXTS and len(roles) == MAX_CONTEXTS - 3
-    assert str(contexts[3].abstract_syntax) == hinted
-    assert "1.2.840.10008.1.2.4.50" in contexts[3].transfer_syntax  # compressed as stored
+    assert len(contexts) == MAX_CONTEXTS
+    classes = [str(cx.abstract_syntax) for cx in contexts[3:]]
+    assert classes[0] == hinted and len(roles) == len(set(classes))
+    common = {str(getattr(sop_classes, n)) for n in COMMON_STORAGE if hasattr(sop_classes, n)}
+    assert common <= set(classes)
+    assert "1.2.840.10008.1.2.4.50" in contexts[3].transfer_syntax  # any syntax, as the sender likes
+    # and a context of its own per compressed syntax, for the hinted class and common images
+    own = {(str(cx.abstract_syntax), cx.transfer_syntax[0]) for cx in contexts
+           if len(cx.transfer_syntax) == 1}
+    for uid in (hinted, str(sop_classes.CTImageStorage), str(sop_classes.MRImageStorage)):
+        assert {(uid, syntax) for syntax in STORED_SYNTAXES} <= own
+
+
+def test_get_from_pacs_serve_brings_images_as_stored(tmp_path: Path) -> None:
+    """JPEG, JPEG 2000 and RLE images come as the archive holds them, not decoded by the
+    sender (which expanded lossy JPEG): pacs serve answers each on the context offered
+    for its own syntax."""
+    names = ("jpeg_baseline", "jpeg_2000", "rle", "explicit_le")  # four distinct instances
+    archive = Archive(tmp_path / "served")
+    studies = []
+    for name in names:
+        ds = pydicom.dcmread(testdata(name))
+        studies.append(str(ds.StudyInstanceUID))
+        archive.put(testdata(name))
+    archive.close()
+    server = start_server(tmp_path / "serve", archive=tmp_path / "served")
+    try:
+        args = [arg for study in studies for arg in ("--study", study)]
+        result = run_pacs(tmp_path, "get", f"PACSCLI@127.0.0.1:{server.port}",
+                          "--out", str(tmp_path / "out"), *args)
+    finally:
+        server.stop()
+    assert result.returncode == 0, result.stderr
+    got = {pydicom.dcmread(path).SOPInstanceUID: pydicom.dcmread(path).file_meta.TransferSyntaxUID
+           for path in (tmp_path / "out").rglob("*.dcm")}
+    sent = {pydicom.dcmread(testdata(n)).SOPInstanceUID:
+            pydicom.dcmread(testdata(n)).file_meta.TransferSyntaxUID for n in names}
+    assert got == sent
