@@ -743,6 +743,9 @@ class AssociationServer:
         self._past_grace = True
         for assoc in self.active():
             if not assoc.busy:
+                log.warning("aborting association with %s at shutdown: still open after the "
+                            "%g s grace, between messages (nothing in flight is lost)",
+                            assoc, grace)
                 assoc.abort()
         hard = time.monotonic() + 2.5
         while self.active() and time.monotonic() < hard:

@@ -352,6 +352,25 @@ def test_sigterm_lets_the_transfer_in_flight_finish(tmp_path: Path) -> None:
     assert len(index_rows(server.archive)) == 1
 
 
+def test_sigterm_aborts_an_idle_association_after_the_grace(tmp_path: Path) -> None:
+    """A sender that keeps its association open and idle: serve waits 12 s, aborts it
+    between messages with a warning, and exits 0 within 15 s."""
+    server = start_server(tmp_path / "serve")
+    ae = AE(ae_title="IDLE")
+    ae.add_requested_context("1.2.840.10008.1.1")
+    assoc = ae.associate("127.0.0.1", server.port, ae_title="PACSCLI")
+    assert assoc.is_established
+    started = time.monotonic()
+    server.proc.send_signal(signal.SIGTERM)
+    try:
+        assert server.proc.wait(timeout=15) == 0
+    finally:
+        assoc.abort()
+    assert 12 <= time.monotonic() - started < 15
+    assert "aborting association with" in server.stderr()
+    assert "after the 12 s grace" in server.stderr()
+
+
 @pytest.mark.parametrize("rows", [
     1024,  # 2 MiB: received in memory, the archive write fails
     4096,  # 32 MiB: spilled to staging as it arrives, and that write fails
