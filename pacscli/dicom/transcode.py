@@ -120,6 +120,8 @@ def write_part10(ds: Dataset, path: Path) -> None:
     try:
         dcmwrite(path, ds, enforce_file_format=True)
     except Exception as exc:
+        # pydicom's "With tag (gggg,eeee) got exception: ..." carries the whole traceback
+        detail = " ".join(str(exc).split("\nTraceback", 1)[0].split())
         raise TranscodeError(f"cannot encode the dataset as "
-                             f"{transfer_syntax(ds).name}: {exc}") from exc
+                             f"{transfer_syntax(ds).name}: {detail}") from exc
 

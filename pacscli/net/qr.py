@@ -179,8 +179,11 @@ def requests_from_records(records: Iterable[Record], level: str | None = None
             yield failed(exc, input=number)
             continue
         if lvl is None or UNIQUE_KEYS[lvl] not in uids:
-            key = UNIQUE_KEYS[lvl] if lvl else "a UID"
-            yield failed(UsageError(f"input record {number} has no {key} to retrieve",
+            key = UNIQUE_KEYS[lvl] if lvl else "StudyInstanceUID, SeriesInstanceUID or " \
+                "SOPInstanceUID"
+            # a line that is not JSON comes as a path (what `pacs store` takes)
+            plain = f" (not a JSON record: {record['path']!r})" if set(record) == {"path"} else ""
+            yield failed(UsageError(f"input record {number} has no {key} to retrieve{plain}",
                                     code="bad-input"), input=number, **uids)
             continue
         keep = {UNIQUE_KEYS[lv] for lv in LEVELS[:LEVELS.index(lvl) + 1]}

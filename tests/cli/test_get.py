@@ -176,6 +176,10 @@ def test_usage_errors(peer: tuple[Dcmqrscp, list[Path]], tmp_path: Path) -> None
     assert both.returncode == 2 and "not both" in both.stderr
     empty = run_pacs(tmp_path, "get", qrscp.remote, "--out", str(tmp_path), stdin="")
     assert empty.returncode == 2 and "nothing to get" in empty.stderr
+    plain = run_pacs(tmp_path, "get", qrscp.remote, "--out", str(tmp_path), stdin="hello\n")
+    [record] = records(plain)
+    assert record["error"]["message"] == "input record 1 has no StudyInstanceUID, " \
+        "SeriesInstanceUID or SOPInstanceUID to retrieve (not a JSON record: 'hello')"
 
 
 def test_storage_contexts_fit_pynetdicom_limit() -> None:

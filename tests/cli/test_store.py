@@ -271,6 +271,20 @@ def test_truncated_files_fail_and_are_not_sent(tmp_path: Path, storescp: Storesc
     assert len(list(out.iterdir())) == 1
 
 
+def test_unencodable_file_fails_in_one_line(tmp_path: Path, storescp: Storescp) -> None:
+    """SC_rgb_jpeg.dcm's file meta says JPEG, its dataset is implicit VR: converting it for an
+    uncompressed-only peer fails in pydicom's writer, whose message carries a traceback; the
+    record keeps its first line."""
+    remote, _ = storescp()
+    result = pacs_store(tmp_path, remote, str(testdata("SC_rgb_jpeg.dcm")))
+    assert result.returncode == 1, result.stderr
+    [record] = records(result)
+    assert record["error"]["code"] == "cannot-convert"
+    assert record["error"]["message"] == ("cannot encode the dataset as Explicit VR Little Endian: "
+                                          "With tag (0008,0008) got exception: encoding without a "
+                                          "string argument")
+
+
 # --- dirty files from real devices ------------------------------------------------------------
 
 def test_dirty_files_are_fixed_and_received(tmp_path: Path, storescp: Storescp) -> None:
