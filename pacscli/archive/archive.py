@@ -43,7 +43,13 @@ from pacscli.dicom.identity import (
 )
 from pacscli.dicom.part10 import part10_header
 from pacscli.dicom.scan import scan_dataset
-from pacscli.errors import ArchiveError, InvalidDicomError, OutOfResourcesError, PacsError
+from pacscli.errors import (
+    ArchiveError,
+    InvalidDicomError,
+    OutOfResourcesError,
+    PacsError,
+    UsageError,
+)
 
 try:
     import fcntl
@@ -108,6 +114,8 @@ class Archive:
     def __init__(self, root: Path, storage: StorageSettings | None = None) -> None:
         self.root = root.expanduser().absolute()
         self.storage = storage or StorageSettings()
+        if self.root.exists() and not self.root.is_dir():
+            raise UsageError(f"the archive {self.root} is not a folder")
         try:
             self.root.mkdir(parents=True, exist_ok=True)
             self.staging = self.root / layout.STAGING_DIR / str(os.getpid())

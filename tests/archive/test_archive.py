@@ -16,7 +16,7 @@ from pacscli.archive.archive import Archive, IncomingInstance
 from pacscli.archive.index import MIGRATIONS, SCHEMA_VERSION, Index
 from pacscli.config import StorageSettings
 from pacscli.dicom.identity import seek_dataset
-from pacscli.errors import InvalidDicomError, OutOfResourcesError
+from pacscli.errors import InvalidDicomError, OutOfResourcesError, UsageError
 from tests.conftest import pacs_cmd, testdata
 
 
@@ -236,3 +236,12 @@ def test_a_written_through_file_that_does_not_fit_is_dropped(tmp_path: Path, cas
     assert not receiving.file.path.exists() and os.stat(held).st_nlink == 1
     assert not [p for p in archive.staging.iterdir() if p.stat().st_size]
     archive.close()
+
+
+def test_an_archive_path_that_is_a_file_is_a_usage_error(tmp_path: Path) -> None:
+    """`--archive` naming a file: said so, exit 2, rather than mkdir's 'File exists' (1)."""
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    with pytest.raises(UsageError, match="is not a folder"):
+        Archive(afile)
+    assert afile.read_text() == "x"
