@@ -70,7 +70,8 @@ def store_received(archive: Archive, assoc: Association, context: Context, comma
     Success is answered only once the file is in place and indexed; a disk full or I/O
     error is 0xA700 with nothing half-written; a dataset we cannot use, 0xC000.
     """
-    base: Record = {"remote": str(assoc), "SOPInstanceUID": command.get("AffectedSOPInstanceUID")}
+    base: Record = {"remote": str(assoc), "SOPInstanceUID": command.get("AffectedSOPInstanceUID"),
+                    "outcome": "failed"}  # a success's record has its own outcome
     try:
         if dataset is None:
             raise InvalidDicomError("C-STORE request without a dataset")

@@ -211,6 +211,7 @@ def test_a_truncated_dataset_is_refused_and_replaces_nothing(tmp_path: Path) -> 
     whole, refused = records(server)
     assert whole["outcome"] == "stored"
     assert refused["status"] == "failed" and refused["dimse_status"] == 0xC000
+    assert refused["outcome"] == "failed"
     assert "truncated" in str(refused["error"])
     (_, rel, _, _), = index_rows(server.archive)
     assert (server.archive / rel).read_bytes()[-1000:] == data[-1000:]
