@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
+import os
 import signal
+import sys
 import threading
 from typing import Annotated
 
@@ -79,10 +82,25 @@ def serve(
 
         out = Output(fmt, COLUMNS, live=True)
         lock = threading.Lock()
+        output_gone = False
 
         def emit(record: dict[str, object]) -> None:
+            # The archive is the job, the records a courtesy: when their reader goes away
+            # (`pacs serve | jq` and jq ends), receiving goes on, and stderr says so once.
+            nonlocal output_gone
             with lock:
-                out.emit(record)
+                if output_gone:
+                    return
+                try:
+                    out.emit(record)
+                except BrokenPipeError:
+                    output_gone = True
+                    devnull = os.open(os.devnull, os.O_WRONLY)  # no later write to the pipe
+                    os.dup2(devnull, sys.stdout.fileno())
+                    os.close(devnull)
+                    logging.getLogger("pacscli.serve").warning(
+                        "stdout closed (broken pipe): records are no longer written; "
+                        "receiving and archiving go on")
 
         store = Archive(settings.archive, settings.storage)
         server = DicomServer(settings, store, emit)

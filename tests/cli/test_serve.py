@@ -22,10 +22,12 @@ from tests.conftest import (
     DCMTK_ENV,
     TESTDATA,
     Server,
+    free_port,
     pacs_cmd,
     require,
     start_server,
     testdata,
+    wait_for_port,
 )
 
 
@@ -370,6 +372,34 @@ def test_sigterm_aborts_an_idle_association_after_the_grace(tmp_path: Path) -> N
     assert 12 <= time.monotonic() - started < 15
     assert "aborting association with" in server.stderr()
     assert "after the 12 s grace" in server.stderr()
+
+
+def test_receiving_goes_on_when_the_records_reader_goes_away(tmp_path: Path) -> None:
+    """`pacs serve | jq`, and jq ends: the next instances are still stored and answered, and
+    stderr says once that records are no longer written."""
+    (tmp_path / "config.toml").write_text("")
+    port = free_port()
+    proc = subprocess.Popen(
+        pacs_cmd("serve", "--archive", str(tmp_path / "archive"), "--port", str(port),
+                 "--bind", "127.0.0.1", "--format", "jsonl"),
+        stdout=subprocess.PIPE, stderr=(tmp_path / "err").open("wb"), stdin=subprocess.DEVNULL,
+        env={**os.environ, "PACS_CONFIG": str(tmp_path / "config.toml")})
+    try:
+        wait_for_port(port, proc=proc)
+        assert proc.stdout is not None
+        proc.stdout.close()  # the reader is gone before the first record
+        files = make_ct_series(tmp_path / "ct", 3, rows=16, cols=16)
+        server = Server(proc, port, tmp_path / "archive", "PACSCLI", tmp_path / "out",
+                        tmp_path / "err")
+        for path in files:  # one association each: a broken one would fail the next
+            assert dcmsend(server, path).returncode == 0
+        assert proc.poll() is None
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(15) == 0
+    assert len(index_rows(tmp_path / "archive")) == 3
+    err = (tmp_path / "err").read_text()
+    assert err.count("stdout closed (broken pipe): records are no longer written") == 1
 
 
 @pytest.mark.parametrize("rows", [
