@@ -235,6 +235,11 @@ def handle_move(settings: Settings, archive: Archive,
             # would refuse an empty list as a usage error).
             for record in send(settings, destination, items) if items else ():
                 counts.add(str(record.get("status")), str(record.get("SOPInstanceUID", "")))
+                if record.get("status") == "failed":
+                    error = record.get("error")
+                    log.warning("C-MOVE from %s to %s: %s failed: %s", assoc, destination,
+                                record.get("path") or record.get("SOPInstanceUID"),
+                                error.get("message") if isinstance(error, dict) else error)
                 if counts.remaining and assoc.cancel_requested(command.message_id):
                     _respond(assoc, context, C_MOVE_RSP, command, CANCELLED, counts=counts)
                     return

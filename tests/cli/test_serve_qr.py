@@ -159,7 +159,7 @@ def test_get_study_and_series(qr: tuple[Server, list[Path], StoreSCP], tmp_path:
     assert len(list((tmp_path / "series").iterdir())) == 2
 
 
-def test_get_goes_on_past_an_instance_it_cannot_convert(tmp_path: Path) -> None:
+def test_get_and_move_go_on_past_an_instance_they_cannot_convert(tmp_path: Path) -> None:
     """getscu takes uncompressed syntaxes only: an archived JPEG whose data cannot be
     decoded fails its own sub-operation, and the association carries the rest (the error
     pydicom raised used to abort it)."""
@@ -176,17 +176,29 @@ def test_get_goes_on_past_an_instance_it_cannot_convert(tmp_path: Path) -> None:
     for name in ("broken.dcm", "good.dcm"):
         archive.put(tmp_path / name)
     archive.close()
+    dest = StoreSCP(tmp_path / "dest", free_port()).start()  # uncompressed syntaxes only
+    (tmp_path / "serve").mkdir()
+    (tmp_path / "serve" / "config.toml").write_text(
+        f'[remotes.DEST]\nae_title = "STORESCP"\nhost = "127.0.0.1"\nport = {dest.port}\n')
     server = start_server(tmp_path / "serve", archive=tmp_path / "archive")
     try:
         result = dcmtk("getscu", server, "-S", "-k", "QueryRetrieveLevel=STUDY",
                        "-k", f"StudyInstanceUID={study}", cwd=tmp_path / "got")
+        moved = dcmtk("movescu", server, "-S", "-aem", "STORESCP", "-k",
+                      "QueryRetrieveLevel=STUDY", "-k", f"StudyInstanceUID={study}",
+                      cwd=tmp_path / "mv")
     finally:
         server.stop()
+        dest.stop()
     output = result.stdout + result.stderr
     assert "abort" not in output.lower(), output
     [received] = (tmp_path / "got").iterdir()
     assert pydicom.dcmread(received).SOPInstanceUID == good.SOPInstanceUID
     assert f"C-GET: cannot convert {tmp_path / 'archive'}" in server.stderr()
+    # C-MOVE: the same one fails alone, and the log names it and says why
+    assert "abort" not in (moved.stdout + moved.stderr).lower()
+    assert dest.received() == {good.SOPInstanceUID}
+    assert "to STORESCP: " in server.stderr() and "failed: cannot decompress" in server.stderr()
 
 
 def test_c_cancel_stops_a_large_find(tmp_path: Path) -> None:
