@@ -250,7 +250,9 @@ def load_settings(
         or (Path(str(file_archive)).expanduser() if file_archive else None)
         or default_archive()
     )
-    aet = ae_title or env.get("PACS_AET") or str(data.get("ae_title", DEFAULT_AE_TITLE))
+    # An explicit empty --aet is refused below, not taken for "not given".
+    aet = ae_title if ae_title is not None else \
+        env.get("PACS_AET") or str(data.get("ae_title", DEFAULT_AE_TITLE))
     storage = _build(StorageSettings, _section(data, "storage"), "storage")
     if storage.durability not in ("fsync", "none"):
         raise ConfigError("[storage] durability must be 'fsync' or 'none'")

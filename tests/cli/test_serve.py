@@ -460,11 +460,13 @@ def test_allow_rejects_unknown_calling_ae(tmp_path: Path) -> None:
 @pytest.mark.parametrize("option, config, says", [
     (["--port", "99999"], "", "99999 is not in the range 0<=x<=65535"),
     (["--port", "-5"], "", "-5 is not in the range 0<=x<=65535"),
+    (["--aet", ""], "", "invalid local AE title '': 1 to 16 characters"),  # not the default
     ([], "[serve]\nport = 99999\n", "[serve] port must be 0 to 65535, not 99999"),
 ])
 def test_a_port_out_of_range_is_a_usage_error(tmp_path: Path, option: list[str], config: str,
                                               says: str) -> None:
-    """Exit 2 and one line, not bind()'s OverflowError and a traceback."""
+    """Exit 2 and one line, not bind()'s OverflowError and a traceback; an empty --aet is
+    refused, not taken for the default."""
     (tmp_path / "config.toml").write_text(config)
     result = subprocess.run(
         pacs_cmd("serve", "--archive", str(tmp_path / "archive"), *option),
