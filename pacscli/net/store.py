@@ -223,10 +223,18 @@ def scan(path: Path) -> Instance:
 
 
 def _files(path: Path) -> list[Path]:
-    """A file, or every file under a folder (recursive, sorted so runs are repeatable)."""
+    """A file, or every entry but folders under a folder (recursive, sorted so runs are
+    repeatable)."""
     if path.is_dir():
-        return sorted(p for p in path.rglob("*") if p.is_file())
+        return sorted(p for p in path.rglob("*") if not p.is_dir())
     return [path]
+
+
+def _not_a_file(path: Path) -> str:
+    """Why an entry that is not a regular file is skipped."""
+    if path.is_symlink() and not path.exists():
+        return "a symbolic link to nothing"
+    return "not a regular file (a FIFO, socket or device)"
 
 
 def collect(records: Iterable[Record]) -> Iterator[Instance | Record]:
@@ -244,6 +252,9 @@ def collect(records: Iterable[Record]) -> Iterator[Instance | Record]:
                          path=str(path))
             continue
         for file in _files(path):
+            if not file.is_file():  # never opened: reading a FIFO would wait forever
+                yield {"path": str(file), "status": "skipped", "reason": _not_a_file(file)}
+                continue
             try:
                 instance = scan(file)
             except NotDicomError as exc:

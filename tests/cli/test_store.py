@@ -341,6 +341,27 @@ def test_folder_with_non_dicom_file(tmp_path: Path, storescp: Storescp) -> None:
     assert len(list(out.iterdir())) == 2
 
 
+def test_folder_with_a_fifo_and_a_dangling_link(tmp_path: Path, storescp: Storescp) -> None:
+    """Each gets a skipped record saying what it is (they used to vanish silently); the FIFO,
+    given alone too, is never opened, which would wait forever."""
+    remote, out = storescp()
+    folder = tmp_path / "in"
+    folder.mkdir()
+    (folder / "ct.dcm").write_bytes(testdata("explicit_le").read_bytes())
+    os.mkfifo(folder / "pipe")
+    (folder / "dangling").symlink_to(tmp_path / "nowhere")
+    result = pacs_store(tmp_path, remote, str(folder))
+    assert result.returncode == 0, result.stderr
+    by_path = {r["path"]: r for r in records(result)}
+    assert by_path[str(folder / "dangling")]["reason"] == "a symbolic link to nothing"
+    assert by_path[str(folder / "pipe")]["status"] == "skipped"
+    assert "not a regular file" in by_path[str(folder / "pipe")]["reason"]
+    assert by_path[str(folder / "ct.dcm")]["status"] == "ok"
+    alone = pacs_store(tmp_path, remote, str(folder / "pipe"))
+    assert [r["status"] for r in records(alone)] == ["skipped"]
+    assert len(list(out.iterdir())) == 1
+
+
 def test_stdin_records_and_parallel_jobs(tmp_path: Path, storescp: Storescp) -> None:
     remote, out = storescp("+xa", "--fork")  # --fork: several associations at once
     files = [testdata(k) for k in DECODABLE]
