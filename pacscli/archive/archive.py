@@ -42,7 +42,7 @@ from pacscli.dicom.identity import (
     seek_dataset,
 )
 from pacscli.dicom.part10 import part10_header
-from pacscli.dicom.scan import scan_dataset
+from pacscli.dicom.scan import DEFLATED, scan_dataset
 from pacscli.errors import (
     ArchiveError,
     InvalidDicomError,
@@ -549,7 +549,10 @@ class IncomingInstance:
 def _check_whole(dataset: BytesLike | Path, transfer_syntax: str) -> None:
     """Refuse a received dataset that is cut short (a sender's truncated file), raising
     InvalidDicomError: pydicom reads one without complaint, and the archive would serve it
-    as whole, or let it replace a whole copy."""
+    as whole, or let it replace a whole copy. A deflated dataset is not walked: that would
+    inflate it whole in memory, however large it inflates to."""
+    if transfer_syntax in DEFLATED:
+        return
     if isinstance(dataset, Path):
         with open(dataset, "rb") as fp:
             if os.fstat(fp.fileno()).st_size == 0:

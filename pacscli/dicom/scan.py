@@ -1,4 +1,5 @@
-"""A fast structural check of a Part 10 file, without pydicom: is it whole?
+"""A fast structural check of a Part 10 file (or of a received dataset), without pydicom:
+is it whole?
 
 pydicom reads a file cut short inside its pixel data without complaint, and stops early on
 others; `scan_part10` walks every element header of the file meta and the dataset (nested

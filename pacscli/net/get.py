@@ -144,8 +144,8 @@ def get_contexts(model: str, hints: Iterable[str]) -> tuple[list[PresentationCon
     if model == "patient":
         contexts.append(build_context(QR_MODELS["patient"]["find"]))
     images = [str(getattr(sop_classes, name)) for name in COMPRESSED_IMAGE_CLASSES]
-    compressed = [uid for uid in dict.fromkeys([*hints, *images]) if uid in images or
-                  uid in hints][:len(COMPRESSED_IMAGE_CLASSES)]
+    compressed = [uid for uid in dict.fromkeys([*hints, *images]) if uid]
+    compressed = compressed[:len(COMPRESSED_IMAGE_CLASSES)]
     room = MAX_CONTEXTS - len(contexts) - len(compressed) * len(STORED_SYNTAXES)
     storage = storage_classes_to_offer(hints, room)
     compressed = [uid for uid in compressed if uid in storage]
