@@ -18,13 +18,18 @@ from typing import Any
 from pacscli.dicom.attributes import INDEXED_ATTRIBUTES, InstanceInfo
 from pacscli.errors import ArchiveError
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 
 _LEVEL_TABLES = {"patient": "patients", "study": "studies", "series": "series", "instance": "instances"}
 
 
 def _columns(level: str) -> str:
     return "".join(f",\n    {kw} TEXT" for kw in INDEXED_ATTRIBUTES[level] if kw not in _KEY_COLUMNS)
+
+
+def _names(level: str, prefix: str = "") -> str:
+    """', a, b' for the attribute columns of a level (those `_columns` creates)."""
+    return "".join(f", {prefix}{kw}" for kw in INDEXED_ATTRIBUTES[level] if kw not in _KEY_COLUMNS)
 
 
 # Columns that identify a row: NOT NULL so that UNIQUE constraints see '' as one value.
@@ -81,6 +86,37 @@ CREATE INDEX IF NOT EXISTS patients_name_lower ON patients(lower(PatientName));
     # the two datasets byte for byte instead.
     3: """
 ALTER TABLE instances DROP COLUMN content_sha256;
+""",
+    # Instances without a Patient ID all went to one patient row, whose name was that of the
+    # last one stored: a study-level answer gave most of those studies another patient's name.
+    # Each study without a Patient ID now has a patient of its own, told apart by
+    # patient_key (its Study Instance UID; '' for a patient with an ID). Rows merged before
+    # are split with the merged values, which the next instance stored or `pacs index
+    # --rebuild` corrects. SQLite changes a UNIQUE constraint only by copying the table.
+    4: f"""
+CREATE TABLE patients_new (
+    pk INTEGER PRIMARY KEY,
+    PatientID TEXT NOT NULL,
+    IssuerOfPatientID TEXT NOT NULL,
+    patient_key TEXT NOT NULL DEFAULT ''{_columns("patient")},
+    UNIQUE (PatientID, IssuerOfPatientID, patient_key)
+);
+INSERT INTO patients_new (pk, PatientID, IssuerOfPatientID{_names("patient")})
+    SELECT pk, PatientID, IssuerOfPatientID{_names("patient")} FROM patients;
+DROP TABLE patients;
+ALTER TABLE patients_new RENAME TO patients;
+CREATE INDEX patients_name ON patients(PatientName);
+CREATE INDEX patients_name_lower ON patients(lower(PatientName));
+INSERT INTO patients (PatientID, IssuerOfPatientID, patient_key{_names("patient")})
+    SELECT p.PatientID, p.IssuerOfPatientID, st.StudyInstanceUID{_names("patient", "p.")}
+    FROM studies st JOIN patients p ON p.pk = st.patient_pk
+    WHERE p.PatientID = '' AND p.patient_key = '';
+UPDATE studies SET patient_pk = (
+    SELECT own.pk FROM patients own JOIN patients merged ON merged.pk = studies.patient_pk
+    WHERE own.PatientID = '' AND own.IssuerOfPatientID = merged.IssuerOfPatientID
+      AND own.patient_key = studies.StudyInstanceUID)
+    WHERE patient_pk IN (SELECT pk FROM patients WHERE PatientID = '' AND patient_key = '');
+DELETE FROM patients WHERE PatientID = '' AND patient_key = ''
 """,
 }
 
@@ -197,8 +233,12 @@ class Index:
         return int(self.connection().execute("PRAGMA user_version").fetchone()[0])
 
     def migrate(self) -> None:
-        """Bring the schema up to SCHEMA_VERSION, one migration per transaction."""
+        """Bring the schema up to SCHEMA_VERSION, in one transaction."""
+        conn = self.connection()
         try:
+            # Off outside the transaction (SQLite ignores it inside) while a table that others
+            # refer to is copied; foreign_key_check then proves every reference still holds.
+            conn.execute("PRAGMA foreign_keys=OFF")
             with self.transaction() as conn:
                 version = int(conn.execute("PRAGMA user_version").fetchone()[0])
                 if version > SCHEMA_VERSION:
@@ -211,8 +251,14 @@ class Index:
                         if statement.strip():
                             conn.execute(statement)
                     conn.execute(f"PRAGMA user_version = {target}")
+                if version < SCHEMA_VERSION and \
+                        conn.execute("PRAGMA foreign_key_check").fetchone() is not None:
+                    raise ArchiveError(f"migrating the index {self.path} broke a reference "
+                                       "between its tables: nothing was changed")
         except sqlite3.Error as exc:
             raise ArchiveError(f"cannot prepare the index {self.path}: {exc}") from exc
+        finally:
+            conn.execute("PRAGMA foreign_keys=ON")
 
     def lookup(self, sop_uid: str) -> InstanceRow | None:
         """The indexed instance with this SOP Instance UID, if any."""
@@ -240,10 +286,13 @@ class Index:
         """The rows of `upsert`, inside the caller's transaction."""
         attrs = info.attributes
         parents = self._known_parents(conn)
+        patient_attrs = {kw: attrs.get(kw) or "" if kw in _KEY_COLUMNS else attrs.get(kw)
+                         for kw in INDEXED_ATTRIBUTES["patient"]}
+        # A patient without an ID is the patient of this study alone (see migration 4).
+        patient_key = "" if patient_attrs["PatientID"] else attrs.get("StudyInstanceUID") or ""
         patient_pk = self._upsert_row(
-            conn, "patient", ("PatientID", "IssuerOfPatientID"),
-            {kw: attrs.get(kw) or "" if kw in _KEY_COLUMNS else attrs.get(kw)
-             for kw in INDEXED_ATTRIBUTES["patient"]}, {}, parents,
+            conn, "patient", ("PatientID", "IssuerOfPatientID", "patient_key"),
+            patient_attrs, {"patient_key": patient_key}, parents,
         )
         study_pk = self._upsert_row(
             conn, "study", ("StudyInstanceUID",),

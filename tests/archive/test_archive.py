@@ -127,11 +127,43 @@ def test_schema_2_index_is_migrated_keeping_its_rows(tmp_path: Path) -> None:
     conn.commit()
     conn.close()
     index = Index(path)
-    assert index.schema_version() == SCHEMA_VERSION == 3
+    assert index.schema_version() == SCHEMA_VERSION == 4
     row = index.lookup("1.2.3.4")
     assert row is not None and (row.path, row.size, row.sha256) == ("studies/x.dcm", 10, "aa")
     columns = {r[1] for r in index.connection().execute("PRAGMA table_info(instances)")}
     assert "content_sha256" not in columns
+    index.close()
+
+
+def test_schema_3_patients_without_an_id_are_split_per_study(tmp_path: Path) -> None:
+    """Schema 3 kept every instance without a Patient ID under one patient row. Migrated,
+    each such study has a patient of its own (the merged values, until re-indexed); patients
+    with an ID and every reference between the tables are as they were."""
+    path = tmp_path / "index.sqlite"
+    conn = sqlite3.connect(path)
+    for version in (1, 2, 3):
+        conn.executescript(MIGRATIONS[version])
+    conn.execute("INSERT INTO patients (pk, PatientID, IssuerOfPatientID, PatientName) VALUES "
+                 "(1, '', '', 'LAST^WRITTEN'), (2, 'P2', '', 'HAS^ID')")
+    conn.execute("INSERT INTO studies (pk, patient_pk, StudyInstanceUID) VALUES "
+                 "(1, 1, '1.1'), (2, 1, '1.2'), (3, 2, '1.3')")
+    conn.execute("INSERT INTO series (study_pk, SeriesInstanceUID) VALUES (1, '1.1.1'), "
+                 "(2, '1.2.1'), (3, '1.3.1')")
+    conn.execute("PRAGMA user_version = 3")
+    conn.commit()
+    conn.close()
+    index = Index(path)
+    assert index.schema_version() == 4
+    rows = index.connection().execute(
+        "SELECT st.StudyInstanceUID, p.PatientID, p.patient_key, p.PatientName FROM studies st "
+        "JOIN patients p ON p.pk = st.patient_pk ORDER BY st.StudyInstanceUID").fetchall()
+    assert [tuple(r) for r in rows] == [("1.1", "", "1.1", "LAST^WRITTEN"),
+                                        ("1.2", "", "1.2", "LAST^WRITTEN"),
+                                        ("1.3", "P2", "", "HAS^ID")]
+    conn = index.connection()
+    assert conn.execute("SELECT count(*) FROM patients").fetchone()[0] == 3
+    assert conn.execute("PRAGMA foreign_key_check").fetchall() == []
+    assert conn.execute("PRAGMA foreign_keys").fetchone()[0] == 1
     index.close()
 
 

@@ -242,6 +242,30 @@ def test_values_as_devices_wrote_them(tmp_path: Path, caplog: pytest.LogCaptureF
         "returned empty" in warned
 
 
+def test_studies_without_a_patient_id_keep_their_own_patient(tmp_path: Path) -> None:
+    """Instances without a Patient ID used to share one patient row, named after the last
+    one stored: the other studies answered with that name, and matching on their own missed
+    them. Each such study now has its own patient; a patient with an ID is one row still."""
+    store = Archive(tmp_path / "archive")
+    people = [("1.41", "", "ANONYMIZED"), ("1.42", "", "LAST^FIRST"),
+              ("1.43", "ID7", "SEVEN^A"), ("1.44", "ID7", "SEVEN^A")]
+    try:
+        for n, (suffix, patient_id, name) in enumerate(people):
+            ds = synthetic(f"{UID_ROOT}{suffix}", f"{UID_ROOT}{suffix}.1", f"{UID_ROOT}{suffix}.1.1",
+                           name=name, patient_id=patient_id, date="20240101", modality="CT",
+                           number=1)
+            store.put(save(ds, tmp_path / "files" / f"{n}.dcm"))
+        found = {r["StudyInstanceUID"]: r["PatientName"]
+                 for r in run(store, "study", "PatientName", "PatientID")}
+        assert found == {f"{UID_ROOT}{s}": name for s, _, name in people}
+        assert studies(run(store, "study", "PatientName=LAST*")) == {f"{UID_ROOT}1.42"}
+        patients = run(store, "patient", "PatientName", "PatientID", model="patient")
+        assert sorted(r["PatientName"] for r in patients) == ["ANONYMIZED", "LAST^FIRST",
+                                                              "SEVEN^A"]
+    finally:
+        store.close()
+
+
 def test_non_ascii_results_carry_utf8_charset(archive: Archive) -> None:
     identifier = build_query("study", ["PatientID=MUELLER1"]).identifier
     [ds] = find(archive.index, "study", identifier)
