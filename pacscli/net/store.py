@@ -240,11 +240,11 @@ def _not_a_file(path: Path) -> str:
 def collect(records: Iterable[Record]) -> Iterator[Instance | Record]:
     """Instances to send from input records (`path` of a file or folder), or records for
     inputs that will not be sent: skipped (not DICOM) or failed (missing, unreadable)."""
-    for record in records:
+    for number, record in enumerate(records, start=1):
         raw_path = record.get("path")
         if not raw_path:
-            yield failed(UsageError("input record has no path", code="no-path"),
-                         **{k: v for k, v in record.items() if k in IDENTITY})
+            yield failed(UsageError(f"input record {number} has no path", code="no-path"),
+                         input=number, **{k: v for k, v in record.items() if k in IDENTITY})
             continue
         path = Path(str(raw_path))
         if not path.exists():

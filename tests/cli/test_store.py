@@ -375,6 +375,18 @@ def test_stdin_records_and_parallel_jobs(tmp_path: Path, storescp: Storescp) -> 
     assert len(list(out.iterdir())) == len(files)
 
 
+def test_a_record_without_path_names_its_line(tmp_path: Path, storescp: Storescp) -> None:
+    remote, _ = storescp()
+    stdin = json.dumps({"path": str(testdata("explicit_le"))}) + '\n{"SOPInstanceUID": "1.2"}\n'
+    result = pacs_store(tmp_path, remote, stdin=stdin)
+    assert result.returncode == 1
+    [ok] = [r for r in records(result) if r["status"] == "ok"]
+    [bad] = [r for r in records(result) if r["status"] == "failed"]
+    assert ok["path"] == str(testdata("explicit_le"))
+    assert bad["input"] == 2 and bad["SOPInstanceUID"] == "1.2"
+    assert bad["error"] == {"code": "no-path", "message": "input record 2 has no path"}
+
+
 def test_store_folder_to_pacs_serve(tmp_path: Path) -> None:
     folder = tmp_path / "in"
     folder.mkdir()
