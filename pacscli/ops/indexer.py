@@ -349,7 +349,10 @@ def _index_in_place(archive: Archive, files: list[str], jobs: int,
 
 
 def _commit(archive: Archive, prepared: _Prepared, path: str) -> Record:
-    return archive.index_in_place(Path(path), info=prepared.info, hashes=prepared.hashes).record()
+    # `source` names the file indexed, as in copy mode: a duplicate or kept record's `path`
+    # is the file already indexed, which the source conflicts with.
+    result = archive.index_in_place(Path(path), info=prepared.info, hashes=prepared.hashes)
+    return {**result.record(), "source": path}
 
 
 def _unchanged_in_place(archive: Archive, path: str) -> IndexedFile | None:

@@ -208,6 +208,22 @@ def test_in_place_records_where_files_lie_and_copies_nothing(tmp_path: Path) -> 
         src.chmod(0o755)
 
 
+def test_in_place_records_name_the_file_indexed(tmp_path: Path) -> None:
+    """A second file with the instance's UID but other content is kept out of the index; its
+    record's path is the file indexed before, and its source the one kept out (the latter
+    was named nowhere)."""
+    src, archive = tmp_path / "share", tmp_path / "archive"
+    first = write_instance(src / "a" / "first.dcm", number=1)
+    ds = pydicom.dcmread(first)
+    ds.StudyDescription = "CHANGED"
+    other = write_instance(src / "b" / "other.dcm", ds)
+    records = run_index(archive, [src], in_place=True)
+    by_source = {r["source"]: r for r in records}
+    assert by_source[str(first)]["outcome"] == "indexed"
+    assert by_source[str(other)]["outcome"] == "kept"
+    assert by_source[str(other)]["path"] == str(first)
+
+
 def test_rebuild_reproduces_the_index_built_while_receiving(tmp_path: Path) -> None:
     """`serve` stores through Archive.put(rewrite_meta=True) naming the sender; a rebuild
     from the files alone must give the same rows, study attributes of the newest included."""
