@@ -42,7 +42,7 @@ from pacscli.dicom.identity import (
     seek_dataset,
 )
 from pacscli.dicom.part10 import part10_header
-from pacscli.dicom.scan import DEFLATED, scan_dataset
+from pacscli.dicom.scan import DEFLATED, mapped, scan_dataset
 from pacscli.errors import (
     ArchiveError,
     InvalidDicomError,
@@ -554,11 +554,8 @@ def _check_whole(dataset: BytesLike | Path, transfer_syntax: str) -> None:
     if transfer_syntax in DEFLATED:
         return
     if isinstance(dataset, Path):
-        with open(dataset, "rb") as fp:
-            if os.fstat(fp.fileno()).st_size == 0:
-                return  # nothing to walk: reading its identity reports it
-            with mmap.mmap(fp.fileno(), 0, access=mmap.ACCESS_READ) as data:
-                scan_dataset(data, 0, transfer_syntax)
+        with open(dataset, "rb") as fp, mapped(fp) as data:
+            scan_dataset(data, 0, transfer_syntax)
     else:
         scan_dataset(memoryview(dataset).cast("B"), 0, transfer_syntax)
 

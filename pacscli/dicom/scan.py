@@ -20,9 +20,11 @@ import mmap
 import os
 import struct
 import zlib
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import BinaryIO
 
 from pacscli.dicom.uids import (
     DEFLATED_EXPLICIT_VR_LITTLE_ENDIAN,
@@ -278,6 +280,18 @@ def scan_dataset(buf: Buffer | memoryview, start: int, transfer_syntax: str,
         # An image without pixel data: cut short exactly between two elements before them
         raise _truncated("the image has Rows but no Pixel Data")
     return walker.values
+
+
+@contextmanager
+def mapped(fp: BinaryIO) -> Iterator[Buffer]:
+    """The bytes of an open file, mapped read-only, so that a walk of its element headers
+    reads little more than the pages they are on. An empty file, which mmap refuses, gives
+    b"" (its walk then finds nothing, or that it is empty)."""
+    if os.fstat(fp.fileno()).st_size == 0:
+        yield b""
+        return
+    with mmap.mmap(fp.fileno(), 0, access=mmap.ACCESS_READ) as data:
+        yield data
 
 
 class Part10File:

@@ -13,7 +13,6 @@ whose imports took ~0.3 s of the ~0.75 s `pacs store` spent starting up.
 from __future__ import annotations
 
 import logging
-import mmap
 import os
 import queue
 import shutil
@@ -28,7 +27,7 @@ from typing import Any, BinaryIO
 from pacscli.config import Remote, Settings
 from pacscli.dicom.attributes import tag_of
 from pacscli.dicom.identity import read_header, read_meta_values, read_raw_header, read_raw_top_level
-from pacscli.dicom.scan import scan_part10
+from pacscli.dicom.scan import mapped, scan_part10
 from pacscli.dicom.uids import (
     IMPLICIT_VR_LITTLE_ENDIAN,
     UNCOMPRESSED_SYNTAXES,
@@ -155,11 +154,8 @@ def _identity_texts(fp: BinaryIO, offset: int,
 
 def _refuse_truncated(fp: BinaryIO) -> None:
     """Raise for a file cut short: pydicom reads one without complaint, and the peer would
-    archive it as whole. The file is mapped, so the walk of its element headers reads
-    little more than its header pages. Other oddities of structure are the peer's to judge."""
-    if os.fstat(fp.fileno()).st_size == 0:
-        return
-    with mmap.mmap(fp.fileno(), 0, access=mmap.ACCESS_READ) as data:
+    archive it as whole. Other oddities of structure are the peer's to judge."""
+    with mapped(fp) as data:
         try:
             scan_part10(data)
         except InvalidDicomError as exc:
