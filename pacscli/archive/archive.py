@@ -69,14 +69,16 @@ class PutResult:
 
     info: InstanceInfo
     path: Path
-    outcome: str  # "stored" | "duplicate" | "kept" | "replaced"
+    outcome: str  # "stored" | "duplicate" | "kept" | "replaced"; in place: "indexed" | "updated"
     size: int
     sha256: str
+    previous_sha256: str | None = None  # "updated": what the index had for the file before
+    warning: str | None = None
 
     @property
     def status(self) -> str:
-        """The record status: a kept conflicting instance is a warning."""
-        return "warning" if self.outcome == "kept" else "ok"
+        """The record status: a kept conflicting instance, or anything warned of, is a warning."""
+        return "warning" if self.outcome == "kept" or self.warning else "ok"
 
     def record(self) -> dict[str, Any]:
         """The JSON-lines record for this instance."""
@@ -94,11 +96,15 @@ class PutResult:
             "outcome": self.outcome,
             "status": self.status,
         }
+        if self.previous_sha256 is not None:
+            record["previous_sha256"] = self.previous_sha256
         if self.outcome == "kept":
             record["warning"] = (
                 "an instance with this SOP Instance UID but different content is already "
                 "archived; kept the archived one (storage.on_conflict = 'keep')"
             )
+        elif self.warning:
+            record["warning"] = self.warning
         return record
 
 
@@ -356,8 +362,10 @@ class Archive:
         are put's ("indexed" where put says "stored"): another file already indexed for the
         instance makes this one a duplicate, or kept aside the index under on_conflict =
         'keep'; under 'replace' the row moves here, and an archive file it recorded before
-        moves into .replaced/ (an external one stays where it is). `info` and `hashes`, when
-        the caller has them, spare reading the file again.
+        moves into .replaced/ (an external one stays where it is). A file indexed here before
+        and rewritten since is "updated" (with the sha256 the index had), or, when it now
+        holds another instance, "indexed" with a warning naming the instance whose row went.
+        `info` and `hashes`, when the caller has them, spare reading the file again.
         """
         source = Path(os.path.abspath(source))
         info = info or read_instance_info(source)
@@ -367,21 +375,27 @@ class Archive:
                             received_at=hashes.mtime, source_aet=info.source_aet)
         with self._instance_lock(info.sop_uid):
             existing = self.index.lookup(info.sop_uid)
-            outcome = "indexed"
+            outcome, previous = "indexed", None
             if existing is not None and existing.path != path:
                 existing, settled = self._settled(info, existing, source, info.dataset_offset)
                 if settled is not None:
                     return settled
                 if existing is not None and self.abspath(existing.path).exists():
                     outcome = "replaced"
+            elif existing is not None and existing.sha256 != hashes.sha256:
+                outcome, previous = "updated", existing.sha256
             try:
-                self.index.reindex(info, stored)
+                dropped = self.index.reindex(info, stored)
             except Exception as exc:
                 raise ArchiveError(f"cannot index {info.sop_uid}: {exc}") from exc
             if outcome == "replaced" and existing is not None and \
                     not Path(existing.path).is_absolute():
                 self._set_aside(self.abspath(existing.path), info.sop_uid, move=True)
-        return PutResult(info, source, outcome, hashes.size, hashes.sha256)
+        warning = None
+        if dropped:
+            warning = (f"this file held SOP Instance UID {', '.join(dropped)} when it was indexed "
+                       "before; it holds another instance now, and the index no longer lists that one")
+        return PutResult(info, source, outcome, hashes.size, hashes.sha256, previous, warning)
 
     def _stage(self, source: BytesLike | Path, info: InstanceInfo,
                header: bytes | None) -> StagedFile:

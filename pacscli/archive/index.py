@@ -417,15 +417,17 @@ class Index:
         """The recorded path of every indexed file."""
         return {row[0] for row in self.connection().execute("SELECT path FROM instances")}
 
-    def reindex(self, info: InstanceInfo, stored: StoredFile) -> None:
+    def reindex(self, info: InstanceInfo, stored: StoredFile) -> list[str]:
         """`upsert`, first dropping in the same transaction a row of another instance recorded
-        at the same path (a file indexed where it lies, since rewritten)."""
+        at the same path (a file indexed where it lies, since rewritten); return the SOP
+        Instance UIDs of the rows dropped."""
         with self.transaction() as conn:
             stale = [row[0] for row in conn.execute(
                 "SELECT SOPInstanceUID FROM instances WHERE path = ? AND SOPInstanceUID != ?",
                 (stored.path, info.sop_uid))]
             self._remove_in(conn, stale)
             self._upsert_in(conn, info, stored)
+        return stale
 
     def remove(self, sop_uids: list[str]) -> int:
         """Drop the rows of these instances, and the series, studies and patients they leave

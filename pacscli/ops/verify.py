@@ -427,7 +427,7 @@ class _Repairer:
         except InvalidDicomError as exc:
             record["repair_reason"] = exc.message
         else:
-            if result.outcome in ("indexed", "replaced"):
+            if result.outcome in ("indexed", "updated", "replaced"):
                 record["SOPInstanceUID"] = result.info.sop_uid
                 return "indexed"
             record["repair_reason"] = (

@@ -7,13 +7,14 @@ import os
 import subprocess
 from pathlib import Path
 
+import pydicom
 import pytest
 from pydicom.data import get_testdata_file
 
 from pacscli.archive import layout
 from pacscli.archive.index import Index
 from tests.conftest import DCMTK_ENV, TESTDATA, require, start_server, testdata
-from tests.dicom_files import junk_folder, write_instance
+from tests.dicom_files import junk_folder, make_dataset, write_instance
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
@@ -103,6 +104,43 @@ def test_in_place(tmp_path: Path) -> None:
     assert not (archive / layout.STUDIES_DIR).exists()
     again = pacs(tmp_path, "index", "--archive", str(archive), "--in-place", str(share))
     assert [r["outcome"] for r in lines(again)] == ["unchanged"] * 3
+
+
+def test_in_place_says_what_changed_in_a_rewritten_file(tmp_path: Path) -> None:
+    """A file indexed in place, then rewritten: with other content for its instance it is
+    "updated" (the old sha256 in the record); holding another instance, the record warns
+    that the instance it held is no longer indexed."""
+    share, archive = tmp_path / "share", tmp_path / "archive"
+    first = write_instance(share / "a.dcm", number=1)
+    second = write_instance(share / "b.dcm", number=2)
+    before = lines(pacs(tmp_path, "index", "--archive", str(archive), "--in-place", str(share)))
+    old = {r["path"]: r for r in before}
+
+    edited = pydicom.dcmread(first)
+    edited.PatientName = "Changed^Name"
+    edited.save_as(first, enforce_file_format=True)
+    other = make_dataset(number=3, patient_id="PID2")
+    write_instance(second, other)
+    result = pacs(tmp_path, "index", "--archive", str(archive), "--in-place", str(share))
+    assert result.returncode == 0, result.stderr
+    after = {r["path"]: r for r in lines(result)}
+
+    updated = after[str(first)]
+    assert updated["outcome"] == "updated" and updated["status"] == "ok"
+    assert updated["previous_sha256"] == old[str(first)]["sha256"] != updated["sha256"]
+    replaced = after[str(second)]
+    assert replaced["outcome"] == "indexed" and replaced["status"] == "warning"
+    assert old[str(second)]["SOPInstanceUID"] in replaced["warning"]
+    assert "1 indexed, 1 updated" in result.stderr
+
+    index = Index(archive / "index.sqlite")
+    try:
+        uids = {row[0] for row in index.connection().execute("SELECT SOPInstanceUID FROM instances")}
+        names = {row[0] for row in index.connection().execute("SELECT PatientName FROM patients")}
+    finally:
+        index.close()
+    assert uids == {old[str(first)]["SOPInstanceUID"], other.SOPInstanceUID}
+    assert "Changed^Name" in names
 
 
 def test_rebuild_equals_the_index_serve_built(tmp_path: Path) -> None:
