@@ -5,7 +5,7 @@ Usage: python scripts/bench_serve.py [--count N] [--repeat R] [--durability fsyn
 
 Writes N synthetic CT slices (512x512, 16-bit, Explicit VR Little Endian; default 1,000) with
 scripts/benchdata.make_ct_series into a temporary folder, then, R times (default 3; the
-order alternates between runs), sends them all on one association with
+order rotates between runs), sends them all on one association with
 `TCP_NODELAY=1 /usr/bin/storescu +sd DIR +sp '*.dcm'` to
 
   (a) `python -m pacscli serve --archive TMP --port P --bind 127.0.0.1 --format jsonl`, with
@@ -13,8 +13,13 @@ order alternates between runs), sends them all on one association with
       before each success status), a fresh archive each run;
   (b) `/usr/bin/storescp +B -od DIR P` (bit-preserving), a fresh folder each run.
 
+and (c) `python scripts/floor_receiver.py`: the least a durable receiver in Python does (direct
+I/O writes, a sha256 thread, fdatasync, rename, folder fsync, a one-row SQLite commit; no
+parsing, no Q/R index, no records). pacs serve cannot be faster than (c) on this machine, so
+(c)'s ratio to storescp bounds what the target asks of it in this run.
+
 Then sends them once more to `/usr/bin/storescp --ignore`, which stores nothing: storescu's
-and the network's own time, the floor under both receivers.
+and the network's own time, the floor under every receiver.
 
 Prints instances/s and MB/s of each (the median run by rate), and the ratio pacs/storescp
 against the target (>= 0.5x). Checks that every instance arrived: files on both sides, and
@@ -314,7 +319,7 @@ def run_storescp(data: Path, work: Path, run: int) -> Run:
 
 def run_sender_alone(data: Path, work: Path) -> float:
     """Seconds of one transfer to `storescp --ignore`, which receives and stores nothing: what
-    storescu and the network take by themselves, the floor under both receivers."""
+    storescu and the network take by themselves, the floor under every receiver."""
     port = free_port()
     server = start_server("storescp-ignore", [STORESCP, "--ignore", "-aet", STORESCP_AET,
                                               str(port)], port, STORESCP_AET, work / "logs",
@@ -327,6 +332,23 @@ def run_sender_alone(data: Path, work: Path) -> float:
         raise RuntimeError(f"storescu to storescp --ignore failed ({sent.returncode}):\n"
                            f"{sent.output[-2000:]}")
     return sent.seconds
+
+
+def run_floor(data: Path, work: Path, run: int) -> Run:
+    """One transfer to a fresh scripts/floor_receiver.py."""
+    folder = work / f"floor-{run}"
+    port = free_port()
+    server = start_server(f"floor-{run}", [sys.executable, str(REPO / "scripts" / "floor_receiver.py"),
+                                           "--port", str(port), "--dir", str(folder)],
+                          port, PACS_AET, work / "logs")
+    try:
+        sent = storescu(data, server)
+    finally:
+        server.stop()
+    if sent.returncode != 0:
+        raise RuntimeError(f"storescu to floor_receiver.py failed ({sent.returncode}):\n"
+                           f"{sent.output[-2000:]}\n--- its stderr:\n{server.log_tail()}")
+    return Run(sent.seconds, count_files(folder / "files"))
 
 
 def run_pacs(data: Path, work: Path, run: int, durability: str | None) -> Run:
@@ -408,39 +430,51 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         dcmtk_runs: list[Run] = []
         pacs_runs: list[Run] = []
+        floor_runs: list[Run] = []
+        receivers = ["storescp", "pacs", "floor"]
         for n in range(args.repeat):
-            order = ("storescp", "pacs") if n % 2 == 0 else ("pacs", "storescp")
-            for which in order:
+            for which in receivers[n % 3:] + receivers[:n % 3]:
                 if which == "storescp":
                     result = run_storescp(work / "data", work, n)
                     dcmtk_runs.append(result)
-                else:
+                elif which == "pacs":
                     result = run_pacs(work / "data", work, n, args.durability)
                     pacs_runs.append(result)
+                else:
+                    result = run_floor(work / "data", work, n)
+                    floor_runs.append(result)
                 extra = "" if result.rows is None else f", {result.rows} index rows"
                 print(f"  run {n + 1} {which:<9} {result.seconds:7.2f} s  "
                       f"{result.rate(args.count):7.1f} instances/s  {result.files} files{extra}",
                       flush=True)
 
-        floor = run_sender_alone(work / "data", work)
-        print(f"  storescu alone (to storescp --ignore, nothing stored): {floor:.2f} s, "
-              f"{args.count / floor:.1f} instances/s", flush=True)
+        alone = run_sender_alone(work / "data", work)
+        print(f"  storescu alone (to storescp --ignore, nothing stored): {alone:.2f} s, "
+              f"{args.count / alone:.1f} instances/s", flush=True)
 
-        dcmtk, pacs = median_run(dcmtk_runs), median_run(pacs_runs)
+        dcmtk, pacs, least = median_run(dcmtk_runs), median_run(pacs_runs), median_run(floor_runs)
         mode = f"durability={args.durability}" if args.durability else "default settings"
         print(f"DCMTK storescp +B{'':<{len(mode) - 3}}: {dcmtk.rate(args.count):7.1f} instances/s  "
               f"{mb / dcmtk.seconds:6.1f} MB/s  ({dcmtk.seconds:.2f} s)")
         print(f"pacs serve ({mode}) : {pacs.rate(args.count):7.1f} instances/s  "
               f"{mb / pacs.seconds:6.1f} MB/s  ({pacs.seconds:.2f} s)")
+        print(f"floor_receiver.py{'':<{len(mode) - 3}}: {least.rate(args.count):7.1f} instances/s  "
+              f"{mb / least.seconds:6.1f} MB/s  ({least.seconds:.2f} s)")
         ratio = dcmtk.seconds / pacs.seconds
         met = ratio >= SERVE_TARGET
         print(f"ratio pacs/storescp: {ratio:.2f}x  (target >= {SERVE_TARGET}x: "
               f"{'met' if met else 'NOT met'})")
+        print(f"ratio floor_receiver.py/storescp: {dcmtk.seconds / least.seconds:.2f}x  (pacs serve does "
+              f"all it does and more: its ratio cannot exceed this); pacs/floor_receiver.py: "
+              f"{least.seconds / pacs.seconds:.2f}x")
 
         problems = []
         for i, r in enumerate(dcmtk_runs, 1):
             if r.files != args.count:
                 problems.append(f"run {i}: storescp wrote {r.files} of {args.count} files")
+        for i, r in enumerate(floor_runs, 1):
+            if r.files != args.count:
+                problems.append(f"run {i}: floor_receiver.py wrote {r.files} of {args.count} files")
         for i, r in enumerate(pacs_runs, 1):
             if r.files != args.count:
                 problems.append(f"run {i}: pacs archived {r.files} of {args.count} files")
@@ -451,8 +485,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if problems:
             print("CHECK FAILED: " + "; ".join(problems))
             return 2
-        print(f"check: all {args.count} arrived on both sides in every run "
-              f"(storescp files; pacs files, index rows and ok records)")
+        print(f"check: all {args.count} arrived at every receiver in every run "
+              f"(storescp and floor files; pacs files, index rows and ok records)")
         return 0 if met else 1
 
     return run_in(work, args.keep, "bench_serve", measure)
