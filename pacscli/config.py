@@ -60,7 +60,6 @@ class Remote:
     host: str
     port: int
     name: str | None = None
-    tls: bool = False
     # What this AE may ask of `pacs serve` as a calling AE (Q/R access control).
     permissions: frozenset[str] = frozenset({"find", "move", "get"})
 
@@ -185,28 +184,86 @@ def _section(data: Mapping[str, Any], name: str) -> dict[str, Any]:
     return value
 
 
+# Bounds of numeric settings, by name: (lowest, highest), None for no upper bound. The max
+# PDU is bounded both ways (DESIGN.md section 5: never 0, i.e. unlimited); DCMTK refuses
+# anything under 4 KiB too.
+_RANGES: dict[str, tuple[float, float | None]] = {
+    "port": (0, 65535),
+    "max_associations": (1, None),
+    "max_pdu": (4096, 64 * 1024 * 1024),
+    "connect_timeout": (0.001, None),
+    "acse_timeout": (0.001, None),
+    "dimse_timeout": (0.001, None),
+    "network_timeout": (0.001, None),
+}
+
+
+def _ae_titles(value: Any, where: str) -> tuple[str, ...]:
+    """A list of AE titles from the config file; a bare string is refused, not split."""
+    if not isinstance(value, list) or not all(isinstance(item, str) for item in value):
+        raise ConfigError(f"{where} must be a list of AE titles, e.g. [\"CT1\", \"MR1\"], "
+                          f"not {value!r}")
+    try:
+        return tuple(validate_ae_title(item) for item in value)
+    except UsageError as exc:
+        raise ConfigError(f"{where}: {exc.message}") from exc
+
+
 def _build(cls: Any, values: dict[str, Any], section: str) -> Any:
     known = set(cls.__dataclass_fields__)
     unknown = sorted(set(values) - known)
     if unknown:
         raise ConfigError(f"unknown setting(s) in [{section}]: {', '.join(unknown)}")
     if "allow" in values:
-        values = {**values, "allow": tuple(validate_ae_title(a) for a in values["allow"])}
-    try:
-        obj = cls(**values)
-    except TypeError as exc:
-        raise ConfigError(f"bad [{section}] settings: {exc}") from exc
+        values = {**values, "allow": _ae_titles(values["allow"], f"[{section}] allow")}
     defaults = cls()
-    for name in values:
-        value, default = getattr(obj, name), getattr(defaults, name)
-        numeric = isinstance(default, int | float) and not isinstance(default, bool)
-        if numeric and (isinstance(value, bool) or not isinstance(value, int | float)):
-            raise ConfigError(f"[{section}] {name} must be a number, not {value!r}")
-        if not numeric and not isinstance(value, type(default)):
+    for name, value in values.items():
+        default = getattr(defaults, name)
+        if isinstance(default, bool):
+            if not isinstance(value, bool):
+                raise ConfigError(f"[{section}] {name} must be true or false, not {value!r}")
+        elif isinstance(default, int | float):
+            kind = "a whole number" if isinstance(default, int) else "a number"
+            if isinstance(value, bool) or not isinstance(value, type(default) | int):
+                raise ConfigError(f"[{section}] {name} must be {kind}, not {value!r}")
+            low, high = _RANGES.get(name, (float("-inf"), None))
+            if value < low or (high is not None and value > high):
+                bounds = f"at least {low:g}" if high is None else f"{low:g} to {high:g}"
+                raise ConfigError(f"[{section}] {name} must be {bounds}, not {value!r}")
+        elif not isinstance(value, type(default)):
             raise ConfigError(f"[{section}] {name} has the wrong type: {value!r}")
-    if "port" in values and not 0 <= values["port"] <= 65535:
-        raise ConfigError(f"[{section}] port must be 0 to 65535, not {values['port']!r}")
-    return obj
+    return cls(**values)
+
+
+_TOP_LEVEL = frozenset({"ae_title", "archive", "remotes", "serve", "storage", "network"})
+_REMOTE_KEYS = frozenset({"ae_title", "host", "port", "tls", "permissions"})
+
+
+def _remote(name: str, table: Any) -> Remote:
+    """A [remotes.NAME] table, checked."""
+    where = f"[remotes.{name}]"
+    if not isinstance(table, dict) or not {"ae_title", "host", "port"} <= set(table):
+        raise ConfigError(f"{where} needs ae_title, host and port")
+    unknown = sorted(set(table) - _REMOTE_KEYS)
+    if unknown:
+        raise ConfigError(f"unknown setting(s) in {where}: {', '.join(unknown)}")
+    for key, kind in (("ae_title", str), ("host", str), ("port", int), ("tls", bool)):
+        if key in table and (not isinstance(table[key], kind)
+                             or (kind is int and isinstance(table[key], bool))):
+            raise ConfigError(f"{where} {key} has the wrong type: {table[key]!r}")
+    if table.get("tls", False):
+        # Better no association than one in the clear that the config says is encrypted.
+        raise ConfigError(f"{where} tls = true: pacscli cannot speak DICOM over TLS yet; remove "
+                          "the setting and reach this peer through a TLS tunnel (stunnel, a VPN)")
+    host, aet, port = table["host"], table["ae_title"], table["port"]
+    try:
+        remote = parse_remote(f"{aet}@[{host}]:{port}" if ":" in host else f"{aet}@{host}:{port}", name)
+    except UsageError as exc:
+        raise ConfigError(f"{where}: {exc.message}") from exc
+    permissions = table.get("permissions", ["find", "move", "get"])
+    if not isinstance(permissions, list) or not set(permissions) <= QR_PERMISSIONS:
+        raise ConfigError(f"{where} permissions must be a list drawn from {sorted(QR_PERMISSIONS)}")
+    return replace(remote, permissions=frozenset(permissions))
 
 
 def load_settings(
@@ -229,19 +286,14 @@ def load_settings(
     elif explicit_config is not None:
         raise ConfigError(f"config file {path} does not exist")
 
-    remotes: dict[str, Remote] = {}
-    for name, table in _section(data, "remotes").items():
-        if not isinstance(table, dict) or not {"ae_title", "host", "port"} <= set(table):
-            raise ConfigError(f"[remotes.{name}] needs ae_title, host and port")
-        spec = f"{table['ae_title']}@{table['host']}:{table['port']}"
-        remote = parse_remote(spec if ":" not in str(table["host"]) else
-                              f"{table['ae_title']}@[{table['host']}]:{table['port']}", name)
-        permissions = table.get("permissions", ["find", "move", "get"])
-        if not isinstance(permissions, list) or not set(permissions) <= QR_PERMISSIONS:
-            raise ConfigError(f"[remotes.{name}] permissions must be a list drawn from "
-                              f"{sorted(QR_PERMISSIONS)}")
-        remotes[name] = replace(remote, tls=bool(table.get("tls", False)),
-                                permissions=frozenset(permissions))
+    unknown = sorted(set(data) - _TOP_LEVEL)
+    if unknown:
+        raise ConfigError(f"unknown setting(s) in the config file {path}: {', '.join(unknown)} "
+                          f"(known: {', '.join(sorted(_TOP_LEVEL))})")
+    for key in ("ae_title", "archive"):
+        if key in data and not isinstance(data[key], str):
+            raise ConfigError(f"{key} in the config file must be a string, not {data[key]!r}")
+    remotes = {name: _remote(name, table) for name, table in _section(data, "remotes").items()}
 
     file_archive = data.get("archive")
     archive_path = (

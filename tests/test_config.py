@@ -1,0 +1,71 @@
+"""The config file: what it accepts, and the plain errors for what it does not."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from pacscli.config import Settings, load_settings
+from pacscli.errors import ConfigError
+from tests.conftest import pacs_cmd
+
+
+def load(tmp_path: Path, text: str) -> Settings:
+    config = tmp_path / "config.toml"
+    config.write_text(text)
+    return load_settings(config_file=config, env={})
+
+
+REMOTE = '[remotes.A]\nae_title = "ORTHANC"\nhost = "127.0.0.1"\nport = 4242\n'
+
+
+def test_a_full_config_loads(tmp_path: Path) -> None:
+    settings = load(tmp_path, 'ae_title = "ME"\narchive = "/srv/pacs"\n'
+                              '[serve]\nallow = ["CT1", "MR1"]\nmax_associations = 4\n'
+                              '[network]\nmax_pdu = 65536\nconnect_timeout = 2.5\n'
+                              + REMOTE + 'permissions = ["find"]\n')
+    assert settings.ae_title == "ME" and settings.archive == Path("/srv/pacs")
+    assert settings.serve.allow == ("CT1", "MR1") and settings.serve.max_associations == 4
+    assert settings.network.max_pdu == 65536 and settings.network.connect_timeout == 2.5
+    assert str(settings.remote("A")) == "ORTHANC@127.0.0.1:4242"
+    assert settings.remote("A").permissions == frozenset({"find"})
+
+
+@pytest.mark.parametrize(("text", "says"), [
+    # a bare string used to be split into one-letter AE titles: CT1 out, "C" let in
+    ('[serve]\nallow = "CT1"\n', "must be a list of AE titles"),
+    ('[serve]\nallow = [1]\n', "must be a list of AE titles"),  # was an AttributeError
+    ('[serve]\nallow = ["a\\\\b"]\n', "invalid AE title"),
+    ('[network]\nmax_pdu = 1.5\n', "max_pdu must be a whole number"),  # was a TypeError
+    ('[network]\nmax_pdu = 0\n', "max_pdu must be 4096 to"),
+    ('[network]\nmax_pdu = -5\n', "max_pdu must be 4096 to"),
+    ('[network]\nconnect_timeout = 0\n', "connect_timeout must be at least"),
+    ('[network]\nconnect_timeout = "5"\n', "connect_timeout must be a number"),
+    ('[serve]\nmax_associations = 0\n', "max_associations must be at least 1"),
+    ('[serve]\nrequire_called_aet = 1\n', "must be true or false"),
+    ('aetitle = "ME"\n', "unknown setting(s) in the config file"),
+    ('ae_title = 5\n', "ae_title in the config file must be a string"),
+    ('archive = 5\n', "archive in the config file must be a string"),
+    (REMOTE + 'tls = true\n', "cannot speak DICOM over TLS"),
+    (REMOTE + 'tsl = false\n', "unknown setting(s) in [remotes.A]: tsl"),
+    ('[remotes.A]\nae_title = ["X"]\nhost = "h"\nport = 1\n', "ae_title has the wrong type"),
+    ('[remotes.A]\nae_title = "X"\nhost = "h"\nport = "104"\n', "port has the wrong type"),
+    ('[remotes.A]\nae_title = "X"\nhost = "h"\nport = 70000\n', "invalid port"),
+])
+def test_a_wrong_setting_is_a_config_error(tmp_path: Path, text: str, says: str) -> None:
+    with pytest.raises(ConfigError) as raised:
+        load(tmp_path, text)
+    assert says in raised.value.message
+
+
+def test_a_remote_asking_for_tls_is_refused_not_reached_in_the_clear(tmp_path: Path) -> None:
+    config = tmp_path / "config.toml"
+    config.write_text(REMOTE + "tls = true\n")
+    result = subprocess.run(pacs_cmd("echo", "A"), capture_output=True, text=True, timeout=60,
+                            stdin=subprocess.DEVNULL, env={**os.environ, "PACS_CONFIG": str(config)})
+    assert result.returncode == 2
+    assert "pacs: error:" in result.stderr and "TLS" in result.stderr
+    assert "Traceback" not in result.stderr and result.stdout == ""
