@@ -265,10 +265,11 @@ def _get_context(assoc: Association, item: RetrieveItem) -> tuple[Context | None
     for context in candidates:
         if context.transfer_syntax == item.transfer_syntax:
             return context, False
-    if UID(item.transfer_syntax).is_compressed or item.transfer_syntax not in UNCOMPRESSED_SYNTAXES:
-        for context in candidates:
-            if context.transfer_syntax in UNCOMPRESSED_SYNTAXES:
-                return context, True
+    # Any other syntax, uncompressed ones too (implicit and explicit VR little endian are
+    # the two a requestor most often takes just one of), is converted.
+    for context in candidates:
+        if context.transfer_syntax in UNCOMPRESSED_SYNTAXES:
+            return context, True
     return None, False
 
 

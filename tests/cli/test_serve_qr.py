@@ -201,6 +201,36 @@ def test_get_and_move_go_on_past_an_instance_they_cannot_convert(tmp_path: Path)
     assert "to STORESCP: " in server.stderr() and "failed: cannot decompress" in server.stderr()
 
 
+@pytest.mark.parametrize("accept", ["+x=", "+xi"])
+def test_get_converts_between_uncompressed_syntaxes(tmp_path: Path, accept: str) -> None:
+    """getscu accepts one uncompressed syntax (+x=: explicit VR first, which serve takes;
+    +xi: implicit VR only): an instance archived in the other one arrives converted, with
+    the same pixel data. It used to fail its sub-operation (0xB000)."""
+    study = "1.2.826.0.1.3680043.2.1125.77.2"
+    originals = {}
+    for name in ("implicit_le", "explicit_le"):
+        ds = pydicom.dcmread(testdata(name))
+        ds.StudyInstanceUID = study
+        ds.save_as(tmp_path / f"{name}.dcm")
+        originals[str(ds.SOPInstanceUID)] = ds
+    archive = Archive(tmp_path / "archive")
+    for name in ("implicit_le", "explicit_le"):
+        archive.put(tmp_path / f"{name}.dcm")
+    archive.close()
+    (tmp_path / "serve").mkdir()
+    server = start_server(tmp_path / "serve", archive=tmp_path / "archive")
+    try:
+        result = dcmtk("getscu", server, "-S", accept, "-k", "QueryRetrieveLevel=STUDY",
+                       "-k", f"StudyInstanceUID={study}", cwd=tmp_path / "got")
+    finally:
+        server.stop()
+    assert result.returncode == 0, result.stdout + result.stderr
+    received = [pydicom.dcmread(p) for p in (tmp_path / "got").iterdir()]
+    assert {str(ds.SOPInstanceUID) for ds in received} == set(originals)
+    for ds in received:  # getscu writes its files in a syntax of its own choosing
+        assert ds.PixelData == originals[str(ds.SOPInstanceUID)].PixelData
+
+
 def test_c_cancel_stops_a_large_find(tmp_path: Path) -> None:
     archive = Archive(tmp_path / "archive")
     for n in range(300):
