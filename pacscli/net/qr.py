@@ -99,7 +99,10 @@ def lost(watch: Watch, remote: Remote, service: str, started: float, timeout: fl
     """The error for a request that came back without a status."""
     waited = time.monotonic() - started
     ended = watch.why_ended()
-    if ended is not None:
+    # Our own abort on the DIMSE timeout closes the connection too: a close after the
+    # timeout is ours, a peer's A-ABORT is the peer's whenever it came.
+    if ended is not None and (ended[0] == "association-aborted" or not timeout
+                              or waited < timeout * 0.95):
         code, words = ended
         return NetworkError(f"{remote}: {words} during {service}", code=code)
     if timeout and waited >= timeout * 0.95:

@@ -203,6 +203,33 @@ def test_peer_failure_status_exits_4(failing_scp: int, tmp_path: Path) -> None:
     assert last["status"] == "failed" and last["error"]["code"] == "find-failed"
 
 
+def test_a_silent_peer_is_a_dimse_timeout(tmp_path: Path) -> None:
+    """A peer that takes longer than [network] dimse_timeout to answer: the association is
+    aborted on our side, and the message says so (it used to blame the peer for closing)."""
+    import time
+
+    from pynetdicom import AE, evt
+    from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind
+
+    def handler(event: Any) -> Iterator[tuple[Any, Any]]:
+        time.sleep(4)
+        yield 0x0000, None
+
+    ae = AE(ae_title="SLOW")
+    ae.add_supported_context(StudyRootQueryRetrieveInformationModelFind)
+    port = free_port()
+    server = ae.start_server(("127.0.0.1", port), block=False,
+                             evt_handlers=[(evt.EVT_C_FIND, handler)])
+    try:
+        (tmp_path / "config.toml").write_text("[network]\ndimse_timeout = 1\n")
+        result = run_pacs(tmp_path, "find", f"SLOW@127.0.0.1:{port}", "-k", "PatientID=X")
+    finally:
+        server.shutdown()
+    assert result.returncode == 3
+    assert "no C-FIND response from SLOW@127.0.0.1" in result.stderr and "DIMSE timeout" in result.stderr
+    assert records(result)[-1]["error"]["code"] == "dimse-timeout"
+
+
 def test_connection_refused_exits_3(tmp_path: Path) -> None:
     result = run_pacs(tmp_path, "find", f"QRSCP@127.0.0.1:{free_port()}")
     assert result.returncode == 3
