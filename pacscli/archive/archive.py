@@ -266,10 +266,11 @@ class Archive:
                         return settled
                 outcome = "stored"
                 moved = existing is not None and existing.path != relpath
+                aside: Path | None = None  # the old version's link, while the new takes its name
                 if existing is not None and self.abspath(existing.path).exists():
                     outcome = "replaced"
-                    if not moved:  # the new file takes its name: keep a link to the old one
-                        self._set_aside(self.abspath(existing.path), info.sop_uid)
+                    if not moved:
+                        aside = self._set_aside(self.abspath(existing.path), info.sop_uid)
                 # The data syncs in another thread while the rows are written (and the
                 # sha256 computed); they commit only once the file is durably in place.
                 synced = self._sync_later(staged)
@@ -287,11 +288,14 @@ class Archive:
                     # A row of the same instance elsewhere (other study or series UIDs) is
                     # dropped in the same transaction, with the parents it leaves empty.
                     self.index.upsert(info, stored, replacing=moved, before_commit=place)
-                except PacsError:
-                    raise  # the file could not be placed: rolled back, nothing indexed
-                except Exception as exc:
-                    if placed and (outcome == "stored" or moved):
-                        final.unlink(missing_ok=True)  # keep files and index in agreement
+                except BaseException as exc:
+                    # Rolled back: the files go back to what the index still says.
+                    if aside is not None:
+                        _restore(aside, final, placed)
+                    elif placed:
+                        final.unlink(missing_ok=True)
+                    if isinstance(exc, PacsError) or not isinstance(exc, Exception):
+                        raise  # the file could not be placed (disk full...), or we stop
                     raise ArchiveError(f"cannot index {info.sop_uid}: {exc}") from exc
                 if moved and outcome == "replaced" and existing is not None:
                     # Now that the index names the new file, the old one leaves studies/.
@@ -517,19 +521,21 @@ class Archive:
             path.mkdir(exist_ok=True)
         return [p.parent for p in missing]
 
-    def _set_aside(self, path: Path, sop_uid: str, *, move: bool = False) -> None:
+    def _set_aside(self, path: Path, sop_uid: str, *, move: bool = False) -> Path:
         """Keep an instance about to be replaced in .replaced/ (nothing is ever deleted):
-        a hard link (the replacement then takes its name), or with `move` the file itself."""
+        a hard link (the replacement then takes its name), or with `move` the file itself.
+        Returns the path it has there."""
         aside = self.root / layout.REPLACED_DIR
-        aside.mkdir(exist_ok=True)
         target = aside / f"{sop_uid}.{time.time_ns()}{layout.INSTANCE_SUFFIX}"
         try:
+            aside.mkdir(exist_ok=True)
             if move:
                 os.rename(path, target)
             else:
                 os.link(path, target)
         except OSError as exc:
             raise _resource_error(exc, f"cannot set aside {path.name} before replacing it") from exc
+        return target
 
 
 class IncomingInstance:
@@ -558,6 +564,18 @@ class IncomingInstance:
     def discard(self) -> None:
         """Drop the file unless it was placed (may be called more than once)."""
         self.file.discard()
+
+
+def _restore(aside: Path, final: Path, placed: bool) -> None:
+    """Undo a replace whose index commit failed: the old version, kept as `aside`, takes
+    its name back from the new one (or from nothing, when placing it failed halfway); a
+    link never used goes. Best effort: this runs while an error is already on its way."""
+    with contextlib.suppress(OSError):
+        if placed or not final.exists():
+            os.replace(aside, final)
+            _fsync_dir(final.parent)
+        else:
+            aside.unlink()
 
 
 def _check_whole(dataset: BytesLike | Path, transfer_syntax: str) -> None:

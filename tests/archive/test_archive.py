@@ -8,6 +8,7 @@ import os
 import sqlite3
 import subprocess
 from pathlib import Path
+from typing import Any
 
 import pydicom
 import pytest
@@ -16,7 +17,7 @@ from pacscli.archive.archive import Archive, IncomingInstance
 from pacscli.archive.index import MIGRATIONS, SCHEMA_VERSION, Index
 from pacscli.config import StorageSettings
 from pacscli.dicom.identity import seek_dataset
-from pacscli.errors import InvalidDicomError, OutOfResourcesError, UsageError
+from pacscli.errors import ArchiveError, InvalidDicomError, OutOfResourcesError, UsageError
 from tests.conftest import pacs_cmd, testdata
 
 
@@ -192,6 +193,47 @@ def test_a_failed_sync_or_rename_commits_no_row(tmp_path: Path, monkeypatch: pyt
     assert not [p for p in archive.staging.iterdir() if p.stat().st_size]  # no staged data left
     assert archive.put_received(data, transfer_syntax=syntax, source_aet="CT1").outcome == "stored"
     archive.close()
+
+
+@pytest.mark.parametrize("failing", ["commit", "fsync", "fdatasync", "link"])
+def test_a_failed_replace_leaves_the_archived_version(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                      failing: str) -> None:
+    """Under on_conflict = replace, a new version that cannot be committed (disk full at the
+    COMMIT), synced or set aside fails as a whole: the archived file keeps its name and
+    content, as its index row says, and `pacs verify` finds nothing wrong. A failed commit
+    used to leave the new file under the name and the old row over it, which verify then
+    called a checksum mismatch and --repair dropped from the index."""
+    archive = Archive(tmp_path / "archive", StorageSettings(on_conflict="replace"))
+    first = archive.put(testdata("explicit_le"))
+    changed = pydicom.dcmread(testdata("explicit_le"))
+    changed.PatientName = "Changed^Name"
+    changed.save_as(tmp_path / "changed.dcm")
+    if failing == "commit":
+        upsert = archive.index.upsert
+
+        def full_at_commit(*args: Any, before_commit: Any, **kwargs: Any) -> None:
+            def then_full() -> None:
+                before_commit()
+                raise sqlite3.OperationalError("database or disk is full")
+            upsert(*args, before_commit=then_full, **kwargs)
+
+        monkeypatch.setattr(archive.index, "upsert", full_at_commit)
+    else:
+        def broken(*args: object) -> None:
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        monkeypatch.setattr(os, failing, broken)
+    with pytest.raises((OutOfResourcesError, ArchiveError)):
+        archive.put(tmp_path / "changed.dcm")
+    monkeypatch.undo()
+    assert instance_files(archive.root) == [first.path]
+    assert hashlib.sha256(first.path.read_bytes()).hexdigest() == first.sha256
+    assert archive.index.lookup(first.info.sop_uid).sha256 == first.sha256  # type: ignore[union-attr]
+    assert not (archive.root / ".replaced").exists() or not list((archive.root / ".replaced").iterdir())
+    archive.close()
+    verify = subprocess.run(pacs_cmd("verify", "--archive", str(tmp_path / "archive")),
+                            capture_output=True, text=True, timeout=120)
+    assert verify.returncode == 0, verify.stdout + verify.stderr
 
 
 def _receive(archive: Archive, data: bytes, *, syntax: str, sop_class: str, sop_uid: str,
