@@ -137,7 +137,7 @@ class Archive:
         self._clean_dead_staging()
 
     def _make_lock_files(self) -> None:
-        """Create the 256 lock files of `_instance_lock` now, if missing: made on first use,
+        """Create the 256 lock files of `instance_lock` now, if missing: made on first use,
         each cost ~0.4 ms of a put here (see staging.py on slow creates)."""
         locks = self.root / layout.LOCKS_DIR
         locks.mkdir(exist_ok=True)
@@ -257,7 +257,7 @@ class Archive:
         if staged is None:
             staged = self._stage(source, info, header)
         try:
-            with self._instance_lock(info.sop_uid):  # settle, place and index as one step
+            with self.instance_lock(info.sop_uid):  # settle, place and index as one step
                 existing = self.index.lookup(info.sop_uid)
                 if existing is not None:
                     existing, settled = self._settled(info, existing, source,
@@ -305,7 +305,7 @@ class Archive:
             staged.discard()
 
     @contextmanager
-    def _instance_lock(self, sop_uid: str) -> Iterator[None]:
+    def instance_lock(self, sop_uid: str) -> Iterator[None]:
         """Hold the lock of this SOP Instance UID, across threads and processes, so that
         settling, placing and indexing an instance is one step whoever else stores it too
         (two puts of one instance with different content could otherwise leave the file of
@@ -377,7 +377,7 @@ class Archive:
         path = self.recorded_path(source)
         stored = StoredFile(path=path, size=hashes.size, sha256=hashes.sha256,
                             received_at=hashes.mtime, source_aet=info.source_aet)
-        with self._instance_lock(info.sop_uid):
+        with self.instance_lock(info.sop_uid):
             existing = self.index.lookup(info.sop_uid)
             outcome, previous = "indexed", None
             if existing is not None and existing.path != path:

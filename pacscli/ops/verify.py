@@ -396,12 +396,24 @@ class _Repairer:
         sops = [record["SOPInstanceUID"]] if record.get("SOPInstanceUID") else []
         internal = path.is_relative_to(self.root)
         try:
-            if code == "missing" or (code in _CORRUPT | {"unreadable"} and not internal):
-                self.index.remove(sops)
-                done = "dropped-row"
+            drops = code == "missing" or (code in _CORRUPT | {"unreadable"} and not internal)
+            if (drops or code in _CORRUPT) and sops:
+                # Under the instance's lock, and only if the problem is still there: a put
+                # of the instance since the check (serve receiving it again) keeps its row.
+                with self.archive.instance_lock(sops[0]):
+                    if not self._still(code, sops[0]):
+                        done = "fixed-meanwhile"
+                    elif drops:
+                        self.index.remove(sops)
+                        done = "dropped-row"
+                    else:
+                        record["quarantine_path"] = str(self.quarantine.move(path))
+                        self.index.remove(sops)
+                        done = "quarantined"
+            elif drops:
+                done = "nothing-to-drop"  # no SOP Instance UID: no row to drop
             elif code in _CORRUPT:
                 record["quarantine_path"] = str(self.quarantine.move(path))
-                self.index.remove(sops)
                 done = "quarantined"
             elif code == "uid-mismatch":
                 self.archive.index_in_place(path)
@@ -420,6 +432,15 @@ class _Repairer:
             log.error("cannot repair %s: %s", path, message)
             return
         record.update(repair=done, status="warning")
+
+    def _still(self, code: str, sop_uid: str) -> bool:
+        """Whether the instance's file still has the problem `code` (its row may have
+        changed, or gone, since it was checked)."""
+        row = self.index.file_of(sop_uid)
+        if row is None:
+            return False
+        now = check_file(str(self.root), row, quick=code == "missing")
+        return now is not None and now["problem"] == code
 
     def _index_or_quarantine(self, path: Path, record: Record) -> str:
         try:

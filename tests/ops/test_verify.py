@@ -206,3 +206,39 @@ def test_the_core_loads_no_cli_and_verify_no_pydicom() -> None:
     code = "import sys, pacscli.ops.verify; print('pydicom' in sys.modules)"
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert done.stdout.strip() == "False"
+
+
+def test_a_repair_keeps_the_row_of_an_instance_received_again_since_the_check(tmp_path: Path) -> None:
+    """verify found a file missing; before the repair, serve received the instance again and
+    committed its row. The repair must not drop that row (it did, so the sender's instance
+    was on disk but never found by C-FIND)."""
+    from pacscli.archive.archive import Archive
+    from pacscli.archive.index import Index
+    from pacscli.ops.verify import _Repairer, check_file
+
+    root, stored = make_archive(tmp_path, count=2)
+    gone = Path(stored[0]["path"])
+    sop = stored[0]["SOPInstanceUID"]
+    kept = tmp_path / "copy.dcm"
+    kept.write_bytes(gone.read_bytes())
+    gone.unlink()
+    index = Index(root / layout.INDEX_FILE)
+    row = index.file_of(sop)
+    assert row is not None
+    record = check_file(str(root), row, quick=False)
+    assert record is not None and record["problem"] == "missing"
+
+    archive = Archive(root)  # the instance arrives again, as serve would put it
+    assert archive.put(kept).outcome == "stored"
+    archive.close()
+
+    fixer = _Repairer(root, StorageSettings(), index)
+    try:
+        fixer.repair(record)
+    finally:
+        fixer.close()
+    assert record["repair"] == "fixed-meanwhile"
+    assert index.file_of(sop) is not None and gone.is_file()
+    index.close()
+    problems, _ = run_verify(root)
+    assert problems == []
