@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import sqlite3
 import threading
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -172,6 +173,25 @@ _PARENTS = {
 }
 
 
+def _when_free(conn: sqlite3.Connection, statement: str, wait: float = 60.0) -> None:
+    """Execute `statement`, trying again while another process holds the database.
+
+    Switching a new index to WAL mode takes an exclusive lock without going through the busy
+    handler: two processes opening a new archive at once (two `pacs serve`, say) saw one fail
+    with "database is locked".
+    """
+    deadline = time.monotonic() + wait
+    while True:
+        try:
+            conn.execute(statement)
+            return
+        except sqlite3.OperationalError as exc:
+            busy = exc.sqlite_errorcode in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED)
+            if not busy or time.monotonic() > deadline:
+                raise
+            time.sleep(0.01)
+
+
 class Index:
     """The SQLite index of one archive."""
 
@@ -193,7 +213,7 @@ class Index:
                 conn = sqlite3.connect(self.path, timeout=60, isolation_level=None,
                                        check_same_thread=False)
                 conn.row_factory = sqlite3.Row
-                conn.execute("PRAGMA journal_mode=WAL")
+                _when_free(conn, "PRAGMA journal_mode=WAL")
                 # NORMAL in WAL mode: a commit survives a process crash; a power cut may lose
                 # the last commits, which `pacs verify --repair` re-indexes from the files.
                 conn.execute("PRAGMA synchronous=NORMAL")

@@ -3,8 +3,10 @@
 
 from __future__ import annotations
 
+import multiprocessing
 import sqlite3
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -93,3 +95,31 @@ def test_a_failed_commit_leaves_no_transaction_open(tmp_path: Path) -> None:
     assert index.lookup("1.1") is not None
     assert [uid for uid, _ in _series(index)] == [SERIES]
     index.close()
+
+
+def _open_index(path: str, start: Any, results: Any) -> None:
+    start.wait()
+    try:
+        Index(Path(path)).close()
+        results.put("ok")
+    except Exception as exc:
+        results.put(f"{type(exc).__name__}: {exc}")
+
+
+def test_processes_opening_a_new_index_at_once_all_succeed(tmp_path: Path) -> None:
+    """Two `pacs serve` (or `pacs index`) starting on a new archive at the same moment: the
+    switch to WAL mode used to fail one of them with "database is locked" (2 of 90 opens
+    here, 3 processes at a time)."""
+    context = multiprocessing.get_context("fork")
+    failures = []
+    for round_ in range(30):
+        path = str(tmp_path / f"{round_}.sqlite")
+        start, results = context.Barrier(3), context.Queue()
+        procs = [context.Process(target=_open_index, args=(path, start, results)) for _ in range(3)]
+        for proc in procs:
+            proc.start()
+        outcomes = [results.get(timeout=60) for _ in procs]
+        for proc in procs:
+            proc.join()
+        failures += [outcome for outcome in outcomes if outcome != "ok"]
+    assert failures == []
