@@ -20,6 +20,7 @@ import logging
 import mmap
 import os
 import shutil
+import sqlite3
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -30,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from pacscli.archive import layout
-from pacscli.archive.index import Index, InstanceRow, StoredFile
+from pacscli.archive.index import Index, InstanceRow, StoredFile, unusable
 from pacscli.archive.staging import BlockWriter, StagedFile, StagingFolder, StreamedFile
 from pacscli.config import StorageSettings
 from pacscli.dicom.header import BytesLike
@@ -296,7 +297,7 @@ class Archive:
                         final.unlink(missing_ok=True)
                     if isinstance(exc, PacsError) or not isinstance(exc, Exception):
                         raise  # the file could not be placed (disk full...), or we stop
-                    raise ArchiveError(f"cannot index {info.sop_uid}: {exc}") from exc
+                    raise _index_error(info.sop_uid, exc) from exc
                 if moved and outcome == "replaced" and existing is not None:
                     # Now that the index names the new file, the old one leaves studies/.
                     self._set_aside(self.abspath(existing.path), info.sop_uid, move=True)
@@ -391,7 +392,7 @@ class Archive:
             try:
                 dropped = self.index.reindex(info, stored)
             except Exception as exc:
-                raise ArchiveError(f"cannot index {info.sop_uid}: {exc}") from exc
+                raise _index_error(info.sop_uid, exc) from exc
             if outcome == "replaced" and existing is not None and \
                     not Path(existing.path).is_absolute():
                 self._set_aside(self.abspath(existing.path), info.sop_uid, move=True)
@@ -564,6 +565,14 @@ class IncomingInstance:
     def discard(self) -> None:
         """Drop the file unless it was placed (may be called more than once)."""
         self.file.discard()
+
+
+def _index_error(sop_uid: str, exc: Exception) -> ArchiveError:
+    """The error for an instance the index would not take (a damaged index says so)."""
+    if isinstance(exc, sqlite3.DatabaseError):
+        error = unusable(exc)
+        return ArchiveError(f"cannot index {sop_uid}: {error.message}", code=error.code)
+    return ArchiveError(f"cannot index {sop_uid}: {exc}")
 
 
 def _restore(aside: Path, final: Path, placed: bool) -> None:

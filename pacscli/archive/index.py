@@ -173,6 +173,15 @@ _PARENTS = {
 }
 
 
+def unusable(exc: sqlite3.DatabaseError) -> ArchiveError:
+    """The error to report for an index SQLite cannot use, with what to do when damaged."""
+    message = f"the archive's index cannot be used: {exc}"
+    if getattr(exc, "sqlite_errorcode", None) in (sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB):
+        message += ("; it is damaged: rebuild it from the archive's files with "
+                    "`pacs index --rebuild --archive DIR`")
+    return ArchiveError(message, code="index-unusable")
+
+
 def _when_free(conn: sqlite3.Connection, statement: str, wait: float = 60.0) -> None:
     """Execute `statement`, trying again while another process holds the database.
 

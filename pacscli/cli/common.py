@@ -85,6 +85,16 @@ def run(body: Callable[[], T], *, read_only: bool = False) -> T:
                            err=True)
         sys.stderr.close()  # and no second complaint from Python at exit
         raise typer.Exit(ExitCode.OK if read_only else ExitCode.INTERRUPTED) from None
+    except Exception as exc:
+        # An index SQLite cannot read (damaged on disk, or not a database): a plain message.
+        # sqlite3 is looked up, not imported: commands that never load it cannot raise its errors.
+        sqlite3 = sys.modules.get("sqlite3")
+        if sqlite3 is None or not isinstance(exc, sqlite3.DatabaseError):
+            raise
+        from pacscli.archive.index import unusable
+
+        error = unusable(exc)
+        fail(error.message, int(error.exit_code))
 
 
 def input_records(args: list[str] | None, stdin: TextIO | None = None) -> Iterator[Record]:

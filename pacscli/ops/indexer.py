@@ -38,7 +38,7 @@ from pathlib import Path
 
 from pacscli.archive import layout
 from pacscli.archive.archive import Archive, FileHashes, hash_bytes
-from pacscli.archive.index import IndexedFile
+from pacscli.archive.index import IndexedFile, unusable
 from pacscli.config import StorageSettings
 from pacscli.dicom.dicomdir import is_dicomdir_name, referenced_files
 from pacscli.dicom.identity import InstanceInfo, read_instance_info
@@ -227,6 +227,8 @@ def _guarded(path: str, work: Callable[[str], Record | _Prepared]) -> Record | _
     except OSError as exc:
         return failed(PacsError(f"cannot read {path}: {exc.strerror or exc}", code="unreadable"),
                       path=path)
+    except sqlite3.DatabaseError as exc:
+        return failed(unusable(exc), path=path)
     except Exception as exc:  # a bug of ours or a library's: report it, go on
         log.exception("unexpected error indexing %s", path)
         return failed(PacsError(f"unexpected error: {exc!r}", code="internal"), path=path)
@@ -380,19 +382,8 @@ def rebuild_index(root: Path, storage: StorageSettings, *, jobs: int = 1,
     if not root.is_dir():
         raise UsageError(f"no archive at {root}")
     notes: list[Record] = []
-    try:
-        archive = Archive(root, storage)
-    except ArchiveError as exc:  # an index SQLite cannot open: set it aside, start afresh
-        notes.append(_set_aside_index(root, exc))
-        archive = Archive(root, storage)
+    archive, external = _emptied(root, storage, notes)
     with closing(archive):
-        external: list[str] = []
-        try:
-            external = sorted({f.path for f in archive.index.iter_files()
-                               if os.path.isabs(f.path)})
-        except (sqlite3.Error, ArchiveError) as exc:
-            log.warning("cannot read the old index's in-place files: %s", exc)
-        archive.index.reset()
         files = [str(root / rel) for rel in archive_files(root)]
         for path in external:
             if os.path.isfile(path):
@@ -404,6 +395,29 @@ def rebuild_index(root: Path, storage: StorageSettings, *, jobs: int = 1,
         yield from _ticking(
             chain(notes, _index_in_place(archive, files, jobs, check_unchanged=False)),
             len(notes) + len(files), progress)
+
+
+def _emptied(root: Path, storage: StorageSettings, notes: list[Record]) -> tuple[Archive, list[str]]:
+    """The archive with its index emptied, and the files the old index had indexed in place
+    outside it. An index SQLite cannot open, or too damaged to empty, is set aside (a note
+    says so) for a new one."""
+    try:
+        archive = Archive(root, storage)
+    except ArchiveError as exc:
+        notes.append(_set_aside_index(root, exc))
+        return Archive(root, storage), []
+    external: list[str] = []
+    try:
+        external = sorted({f.path for f in archive.index.iter_files() if os.path.isabs(f.path)})
+    except (sqlite3.Error, ArchiveError) as exc:
+        log.warning("cannot read the old index's in-place files: %s", exc)
+    try:
+        archive.index.reset()
+    except (sqlite3.Error, ArchiveError) as exc:
+        archive.close()
+        notes.append(_set_aside_index(root, exc))
+        archive = Archive(root, storage)
+    return archive, external
 
 
 def _mtime_key(path: str) -> tuple[float, str]:

@@ -114,3 +114,30 @@ def test_safe_while_serve_receives(tmp_path: Path) -> None:
     assert len(seen) >= 3  # it did run while files arrived
     final = lines(pacs(tmp_path, "verify", "--archive", str(server.archive)))
     assert final[-1]["problems"] == 0 and final[-1]["indexed"] == 600
+
+
+def test_a_damaged_index_is_named_with_what_to_do(tmp_path: Path) -> None:
+    """Pages of index.sqlite overwritten: verify says the index is damaged and how to
+    rebuild it (it used to end in a traceback), index gives failed records saying the
+    same, and `index --rebuild` brings it back."""
+    src = tmp_path / "src"
+    for n in range(20):
+        write_instance(src / f"{n}.dcm", number=n)
+    archive = tmp_path / "archive"
+    assert pacs(tmp_path, "index", "--archive", str(archive), str(src)).returncode == 0
+    index = archive / layout.INDEX_FILE
+    data = bytearray(index.read_bytes())
+    for page in range(2 * 4096, len(data), 4096):
+        data[page + 12:page + 312] = b"\xa5" * 300  # the cell pointers after each page header
+    index.write_bytes(bytes(data))
+
+    result = pacs(tmp_path, "verify", "--archive", str(archive))
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert "index cannot be used: database disk image is malformed" in result.stderr
+    assert "pacs index --rebuild" in result.stderr
+    result = pacs(tmp_path, "index", "--archive", str(archive), str(src))
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert "index-unusable" in {r.get("error", {}).get("code") for r in lines(result)}  # type: ignore[union-attr]
+
+    assert pacs(tmp_path, "index", "--archive", str(archive), "--rebuild").returncode == 0
+    assert pacs(tmp_path, "verify", "--archive", str(archive)).returncode == 0
