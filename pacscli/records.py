@@ -42,8 +42,19 @@ def failed(error: PacsError, **fields: Any) -> Record:
 
 
 def to_json_line(record: Record) -> str:
-    """One record as one line of JSON (no trailing newline)."""
-    return json.dumps(record, ensure_ascii=False, separators=(",", ":"), default=str)
+    """One record as one line of JSON (no trailing newline).
+
+    A path whose name is not UTF-8 reaches us with its odd bytes as lone surrogates
+    (os.fsdecode). Written raw, they made the line invalid UTF-8, or an encoding error: such a
+    record is written all in ASCII, the surrogates as JSON escapes, which `json.loads`
+    reads back and `os.fsencode` turns into the file's name again.
+    """
+    line = json.dumps(record, ensure_ascii=False, separators=(",", ":"), default=str)
+    try:
+        line.encode("utf-8")
+    except UnicodeEncodeError:
+        return json.dumps(record, ensure_ascii=True, separators=(",", ":"), default=str)
+    return line
 
 
 def write_record(stream: TextIO, record: Record) -> None:

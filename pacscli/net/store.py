@@ -243,9 +243,19 @@ def collect(records: Iterable[Record]) -> Iterator[Instance | Record]:
                          input=number, **{k: v for k, v in record.items() if k in IDENTITY})
             continue
         path = Path(str(raw_path))
-        if not path.exists():
+        try:
+            os.stat(path)
+        except FileNotFoundError:
             yield failed(InvalidDicomError(f"{path}: no such file or folder", code="not-found"),
                          path=str(path))
+            continue
+        except OSError as exc:  # a name too long, a folder on the way we may not enter...
+            yield failed(InvalidDicomError(f"{path}: {exc.strerror or exc}", code="unreadable"),
+                         path=str(path))
+            continue
+        except ValueError:
+            yield failed(InvalidDicomError(f"{str(path)!r}: not a usable path (it holds a NUL "
+                                           "character)", code="bad-path"), path=str(path))
             continue
         for file in _files(path):
             if not file.is_file():  # never opened: reading a FIFO would wait forever

@@ -130,6 +130,10 @@ class _Collector:
             self.records.append(failed(PacsError(
                 f"{raw}: {exc.strerror or exc}", code="unreadable"), path=raw))
             return
+        except ValueError:  # a NUL in the path, which no file's name can hold
+            self.records.append(failed(PacsError(
+                f"{raw!r}: not a usable path (it holds a NUL character)", code="bad-path"), path=raw))
+            return
         if stat.S_ISDIR(mode):
             self._walk(path)
         elif not stat.S_ISREG(mode):
@@ -337,6 +341,11 @@ def _index_in_place(archive: Archive, files: list[str], jobs: int,
                     check_unchanged: bool) -> Iterator[Record]:
     todo: list[str] = []
     for path in files:
+        if not path.isascii() and not _utf8(path):
+            yield failed(PacsError(f"{path!r}: the file's name is not UTF-8, which the index "
+                                   "cannot record: rename it, or index a copy (without "
+                                   "--in-place)", code="bad-path"), path=path)
+            continue
         known = _unchanged_in_place(archive, path) if check_unchanged else None
         if known is not None:
             yield _unchanged(known, archive, path)
@@ -348,6 +357,15 @@ def _index_in_place(archive: Archive, files: list[str], jobs: int,
             item = _guarded(item.path, functools.partial(_commit, archive, item))
         assert isinstance(item, dict)
         yield item
+
+
+def _utf8(text: str) -> bool:
+    """Whether a path decoded by os.fsdecode is valid UTF-8 (no surrogates for odd bytes)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _commit(archive: Archive, prepared: _Prepared, path: str) -> Record:

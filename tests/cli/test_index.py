@@ -13,7 +13,7 @@ from pydicom.data import get_testdata_file
 
 from pacscli.archive import layout
 from pacscli.archive.index import Index
-from tests.conftest import DCMTK_ENV, TESTDATA, require, start_server, testdata
+from tests.conftest import DCMTK_ENV, TESTDATA, pacs_cmd, require, start_server, testdata
 from tests.dicom_files import junk_folder, make_dataset, write_instance
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
@@ -175,3 +175,35 @@ def test_other_formats(tmp_path: Path, fmt: str) -> None:
     result = pacs(tmp_path, "index", "--archive", str(tmp_path / "a"), "--format", fmt, str(path))
     assert result.returncode == 0, result.stderr
     assert "stored" in result.stdout
+
+
+def test_a_file_name_that_is_not_utf8_gives_a_valid_record(tmp_path: Path) -> None:
+    """A name with a Latin-1 byte: the record is valid UTF-8 JSON (it held the raw byte,
+    or under a UTF-8 locale the command crashed), and its source names the file again.
+    In place, where the index would have to record that name, the file fails plainly."""
+    src = tmp_path / "src"
+    source = write_instance(src / "plain.dcm")
+    odd = os.path.join(os.fsencode(src), b"lat\xe9.dcm")
+    os.rename(source, odd)
+    for env in ({}, {"PYTHONIOENCODING": "utf-8"}):
+        for in_place in ([], ["--in-place"]):
+            archive = tmp_path / f"archive{len(env)}{len(in_place)}"
+            result = subprocess.run(pacs_cmd("index", "--archive", str(archive), *in_place, str(src)),
+                                    capture_output=True, env={**os.environ, **env}, timeout=120,
+                                    stdin=subprocess.DEVNULL)
+            assert b"Traceback" not in result.stderr, result.stderr
+            [record] = [json.loads(line) for line in result.stdout.decode("utf-8").splitlines()]
+            if in_place:
+                assert result.returncode == 1 and record["error"]["code"] == "bad-path"
+                assert os.fsencode(record["path"]) == odd
+            else:
+                assert result.returncode == 0 and record["outcome"] == "stored"
+                assert os.fsencode(record["source"]) == odd
+
+
+def test_a_path_holding_a_nul_fails_as_a_record(tmp_path: Path) -> None:
+    result = pacs(tmp_path, "index", "--archive", str(tmp_path / "archive"),
+                  stdin=json.dumps({"path": "/tmp/x\u0000y"}) + "\n")
+    assert "Traceback" not in result.stderr and result.returncode == 1
+    [record] = lines(result)
+    assert record["error"]["code"] == "bad-path"  # type: ignore[index]

@@ -487,3 +487,18 @@ def test_help_lists_the_options() -> None:
     assert result.returncode == 0
     for option in ("REMOTE", "PATH", "--jobs", "--aet", "--config", "--format", "--verbose"):
         assert option in result.stdout
+
+
+def test_paths_no_file_can_have_fail_as_records(tmp_path: Path) -> None:
+    """A name longer than the filesystem allows and a path holding a NUL: failed records
+    naming them (the first ended in a traceback, with no record)."""
+    too_long = str(tmp_path / ("a" * 300 + ".dcm"))
+    result = pacs_store(tmp_path, f"X@127.0.0.1:{free_port()}", too_long)
+    assert "Traceback" not in result.stderr
+    [record] = [json.loads(line) for line in result.stdout.splitlines()]
+    assert record["path"] == too_long and record["error"]["code"] == "unreadable"
+    assert "too long" in record["error"]["message"] and result.returncode == 1
+    result = pacs_store(tmp_path, f"X@127.0.0.1:{free_port()}",
+                        stdin=json.dumps({"path": "/tmp/x\u0000y"}) + "\n")
+    [record] = [json.loads(line) for line in result.stdout.splitlines()]
+    assert record["error"]["code"] == "bad-path" and result.returncode == 1
