@@ -25,6 +25,7 @@ from pacscli.cli.move import (
     ModelOpt,
     PatientOpt,
     SeriesOpt,
+    StdinArg,
     StudyOpt,
     requests,
 )
@@ -38,6 +39,7 @@ TABLE_COLUMNS = ["status", "SOPInstanceUID", "path", "outcome", "error"]
 def get(
     remote: Annotated[str, typer.Argument(metavar="REMOTE", show_default=False,
                                           help="AET@HOST:PORT or a remote's name from the config")],
+    stdin: StdinArg = None,
     out_dir: Annotated[Path | None, typer.Option(
         "--out", "-o", show_default=False,
         help="Write the files under DIR/STUDY/SERIES/SOP.dcm instead of into the archive")] = None,
@@ -72,7 +74,7 @@ def get(
         if out_dir is not None and archive is not None:
             raise UsageError("give --archive or --out, not both")
         target = settings.remote(remote)
-        inputs = list(requests(patient, study, series, instance, level, model))
+        inputs = list(requests(patient, study, series, instance, level, model, stdin))
         if not inputs:
             raise UsageError("no input records: nothing to get")
         out = Output(fmt, COLUMNS)

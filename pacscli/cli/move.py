@@ -46,30 +46,45 @@ ModelOpt = Annotated[str, typer.Option(
     "--model", "-m", help="Information model: study (Study Root) or patient (Patient Root)")]
 
 
+# `-` as the one input argument: read the records from stdin, as every command that acts on
+# studies does (DESIGN.md section 2); also the default when stdin is not a terminal.
+StdinArg = Annotated[str | None, typer.Argument(
+    metavar="[-]", show_default=False,
+    help="- reads records from stdin (the default when stdin is not a terminal)")]
+
+
 def requests(patients: list[str] | None, studies: list[str] | None, series: list[str] | None,
-             instances: list[str] | None, level: str | None, model: str) -> Any:
-    """Retrieve requests from the UID options, else from stdin records (UsageError if none)."""
+             instances: list[str] | None, level: str | None, model: str,
+             stdin: str | None = None) -> Any:
+    """Retrieve requests from the UID options, else from stdin records (UsageError if none).
+    `stdin` is the input argument: None, or "-" to read stdin even from a terminal."""
     from pacscli.dicom.query import check_level
     from pacscli.errors import UsageError
     from pacscli.net.qr import requests_from_records, requests_from_uids
 
+    if stdin not in (None, "-"):
+        raise UsageError(f"unexpected input {stdin!r}: the only input argument is - (records on "
+                         "stdin); give UIDs with --study/--series/--instance")
     check_level(level or "study", model)
     if patients and not (studies or series or instances):
         check_level("patient", model)
     if patients or studies or series or instances:
+        if stdin:
+            raise UsageError("give --study/--series/--instance UIDs or - (stdin records), not both")
         if level:
             raise UsageError("--level applies to stdin records, not to --study/--series/...")
         return requests_from_uids(patients=patients or (), studies=studies or (),
                                   series=series or (), instances=instances or ())
-    if sys.stdin.isatty():
+    if sys.stdin.isatty() and not stdin:
         raise UsageError("nothing to retrieve: give --study/--series/--instance UIDs or pipe "
                          "records (e.g. from `pacs find`) into stdin")
-    return requests_from_records(input_records(None), level)
+    return requests_from_records(input_records(["-"]), level)
 
 
 def move(
     remote: Annotated[str, typer.Argument(metavar="REMOTE", show_default=False,
                                           help="AET@HOST:PORT or a remote's name from the config")],
+    stdin: StdinArg = None,
     dest: Annotated[str | None, typer.Option(
         "--dest", show_default=False,
         help="AE title the remote sends to (it must know its address); default with "
@@ -118,7 +133,7 @@ def move(
         if destination is None:
             raise UsageError("give --dest AET (the AE title the remote sends to), or --receive "
                              "to receive here into the archive")
-        inputs = requests(patient, study, series, instance, level, model)
+        inputs = requests(patient, study, series, instance, level, model, stdin)
         out = Output(fmt, COLUMNS)
         if out.format == "table":
             out.columns = TABLE_COLUMNS

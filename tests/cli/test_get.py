@@ -83,7 +83,8 @@ def test_find_pipe_get_into_a_folder(peer: tuple[Dcmqrscp, list[Path]], tmp_path
                      "-k", f"StudyInstanceUID={HOLMES_STUDY_1}")
     assert len(records(found)) == 2
     out = tmp_path / "out"
-    result = run_pacs(tmp_path, "get", qrscp.remote, "--out", str(out), stdin=found.stdout)
+    # `-` names stdin as the input, as for every command acting on studies
+    result = run_pacs(tmp_path, "get", qrscp.remote, "--out", str(out), "-", stdin=found.stdout)
     assert result.returncode == 0, result.stderr
     got = records(result)
     assert {r["SOPInstanceUID"] for r in got} == sop_uids_of_studies(files, [HOLMES_STUDY_1])

@@ -174,7 +174,7 @@ def test_nothing_matched_and_bad_records(peers: Peers, storescp: StoreSCP, tmp_p
     stdin = ('{"QueryRetrieveLevel": "STUDY", "StudyInstanceUID": "1.2.3.4"}\n'
              '{"QueryRetrieveLevel": "SERIES", "StudyInstanceUID": "1.2.3.4"}\n'
              f'{{"StudyInstanceUID": "{CT1_STUDY}", "status": "ok"}}\n')
-    result = run_pacs(tmp_path, "move", peers.qrscp.remote, "--dest", "STORESCP", stdin=stdin)
+    result = run_pacs(tmp_path, "move", peers.qrscp.remote, "--dest", "STORESCP", "-", stdin=stdin)
     assert result.returncode == 1
     nothing, bad, moved = records(result)
     assert nothing["status"] == "failed" and nothing["error"]["code"] == "nothing-matched"
@@ -185,6 +185,13 @@ def test_nothing_matched_and_bad_records(peers: Peers, storescp: StoreSCP, tmp_p
 def test_no_input_is_a_usage_error(peers: Peers, tmp_path: Path) -> None:
     result = run_pacs(tmp_path, "move", peers.qrscp.remote, "--dest", "STORESCP", stdin="")
     assert result.returncode == 2 and "no input" in result.stderr
+    result = run_pacs(tmp_path, "move", peers.qrscp.remote, "--dest", "STORESCP", "-", stdin="")
+    assert result.returncode == 2 and "no input" in result.stderr
+    result = run_pacs(tmp_path, "move", peers.qrscp.remote, "--dest", "STORESCP", "x.json")
+    assert result.returncode == 2 and "the only input argument is -" in result.stderr
+    result = run_pacs(tmp_path, "move", peers.qrscp.remote, "--dest", "STORESCP", "-",
+                      "--study", CT1_STUDY)
+    assert result.returncode == 2 and "not both" in result.stderr
     result = run_pacs(tmp_path, "move", peers.qrscp.remote, "--study", CT1_STUDY)
     assert result.returncode == 2 and "--dest" in result.stderr
 
