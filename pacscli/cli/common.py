@@ -40,6 +40,8 @@ FormatOpt = Annotated[
                  show_default=False),
 ]
 VerboseOpt = Annotated[int, typer.Option("--verbose", "-v", count=True, help="More logging on stderr")]
+QuietOpt = Annotated[bool, typer.Option(
+    "--quiet", "-q", help="No summary on stderr when all went well (exit 0): quiet in cron")]
 
 T = TypeVar("T")
 

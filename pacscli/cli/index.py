@@ -11,6 +11,7 @@ from pacscli.cli.common import (
     ConfigOpt,
     FormatOpt,
     Output,
+    QuietOpt,
     VerboseOpt,
     get_settings,
     input_records,
@@ -43,6 +44,7 @@ def index(
     config: ConfigOpt = None,
     fmt: FormatOpt = None,
     verbose: VerboseOpt = 0,
+    quiet: QuietOpt = False,
 ) -> None:
     """Bring existing DICOM files into the archive: one record per file.
 
@@ -97,7 +99,9 @@ def index(
         finally:
             close_bar()
             out.close()
-        typer.echo(f"pacs index: {tally.summary()}", err=True)
-        return tally.exit_code(strict)
+        code = tally.exit_code(strict)
+        if code != 0 or not quiet:
+            typer.echo(f"pacs index: {tally.summary()}", err=True)
+        return code
 
     raise typer.Exit(run(body))

@@ -11,6 +11,7 @@ from pacscli.cli.common import (
     ConfigOpt,
     FormatOpt,
     Output,
+    QuietOpt,
     VerboseOpt,
     get_settings,
     progress_bar,
@@ -34,6 +35,7 @@ def verify(
     config: ConfigOpt = None,
     fmt: FormatOpt = None,
     verbose: VerboseOpt = 0,
+    quiet: QuietOpt = False,
 ) -> None:
     """Check the archive: every indexed file present, unchanged and readable, every file indexed.
 
@@ -67,8 +69,9 @@ def verify(
         finally:
             close_bar()
             out.close()
-        if summary:
+        code = exit_code(summary)
+        if summary and (code != 0 or not quiet):
             typer.echo(f"pacs verify: {summary_line(summary)}", err=True)
-        return exit_code(summary)
+        return code
 
     raise typer.Exit(run(body))

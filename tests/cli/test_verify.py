@@ -141,3 +141,22 @@ def test_a_damaged_index_is_named_with_what_to_do(tmp_path: Path) -> None:
 
     assert pacs(tmp_path, "index", "--archive", str(archive), "--rebuild").returncode == 0
     assert pacs(tmp_path, "verify", "--archive", str(archive)).returncode == 0
+
+
+def test_quiet_says_nothing_when_all_is_well_and_the_summary_when_not(tmp_path: Path) -> None:
+    """For cron: with -q, index and verify write nothing on stderr when all went well, and
+    their summary when something did not (exit 1)."""
+    src = tmp_path / "src"
+    for n in range(2):
+        write_instance(src / f"{n}.dcm", number=n)
+    archive = tmp_path / "archive"
+    indexed = pacs(tmp_path, "index", "--archive", str(archive), "-q", str(src))
+    assert indexed.returncode == 0 and indexed.stderr == ""
+    checked = pacs(tmp_path, "verify", "--archive", str(archive), "-q")
+    assert checked.returncode == 0 and checked.stderr == ""
+    stored = [Path(str(r["path"])) for r in lines(indexed)]
+    stored[0].unlink()
+    checked = pacs(tmp_path, "verify", "--archive", str(archive), "-q")
+    assert checked.returncode == 1 and "pacs verify: 1 problem" in checked.stderr
+    failing = pacs(tmp_path, "index", "--archive", str(archive), "-q", str(tmp_path / "nowhere"))
+    assert failing.returncode == 1 and "pacs index: " in failing.stderr
