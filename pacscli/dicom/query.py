@@ -403,12 +403,33 @@ def matcher(vr: str, value: Any, *, case_insensitive_names: bool = False) -> Mat
     return _single(vr, parts[0], ci)
 
 
+# A DT value: YYYY[MM[DD[HH[MM[SS[.F{1,6}]]]]]] and an optional UTC offset &HHMM (PS3.5
+# 6.2), whose '-' is not a range's: offsets run from -1200 to +1400.
+_DT_VALUE = re.compile(r"\d{4}(?:\d{2}){0,5}(?:\.\d{1,6})?(?:[+-](?:0\d|1[0-4])[0-5]\d)?")
+
+
+def _dt_range(text: str) -> tuple[str, str] | None:
+    """The bounds of a DT range `low-high` (either may be empty), or None when `text` is one
+    DT value, a negative UTC offset included ("20200101120000-0500")."""
+    if _DT_VALUE.fullmatch(text):
+        return None
+    for at, char in enumerate(text):
+        low, high = text[:at], text[at + 1:]
+        if char == "-" and all(not b or _DT_VALUE.fullmatch(b) for b in (low, high)):
+            return low, high
+    return None
+
+
 def _single(vr: str, text: str, ci: bool) -> Match:
     text = text.strip()
     if text == "" or (vr in WILDCARD_VRS and set(text) == {"*"}):
         return Match("universal", vr)
-    if vr in RANGE_VRS and "-" in text and (vr != "DT" or text.count("-") == 1):
+    bounds = _dt_range(text) if vr == "DT" else None
+    if bounds is None and vr in RANGE_VRS and vr != "DT" and "-" in text:
         low, _, high = text.partition("-")
+        bounds = low, high
+    if bounds is not None:
+        low, high = bounds
         if not low.strip() and not high.strip():
             return Match("universal", vr)
         return Match("range", vr, low=low.strip() or None, high=high.strip() or None)

@@ -136,6 +136,13 @@ def test_sequence_keys() -> None:
     ("UI", "1.2.*", "1.2.3", False),  # no wildcards for UIDs
     ("CS", "CT\\MR", "MR", True),
     ("PN", "SMI*", "", False),  # an empty value matches universal matching only
+    # a DT's negative UTC offset is not a range's hyphen (it was split as one)
+    ("DT", "20200101120000-0500", "20200101120000-0500", True),
+    ("DT", "20200101120000-0500", "20200101120000", False),
+    ("DT", "20200101120000-0500-20200102", "20200101120000-0500", True),
+    ("DT", "20200101120000-0500-20200102", "20200103", False),
+    ("DT", "20200101-2021", "20210615", True),  # -2021 is no offset (hours up to 14)
+    ("DT", "20200101-", "20200101120000+0100", True),
 ])
 def test_matcher(vr: str, query: str, value: str, expected: bool) -> None:
     assert matcher(vr, query).test(value) is expected
