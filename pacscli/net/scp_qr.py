@@ -80,8 +80,17 @@ def _respond(assoc: Association, context: Context, field_: int, request: Command
         CommandField=field_, AffectedSOPClassUID=context.abstract_syntax,
         MessageIDBeingRespondedTo=request.message_id,
         CommandDataSetType=NO_DATASET if identifier is None else HAS_DATASET,
-        Status=status, ErrorComment=comment[:64] if comment else None, **numbers,
+        Status=status, ErrorComment=_error_comment(comment) if comment else None, **numbers,
     ), None if identifier is None else encode_identifier(identifier, context.transfer_syntax))
+
+
+def _error_comment(text: str) -> str:
+    """An Error Comment fits in 64 characters (LO): a longer text is cut at a word, with an
+    ellipsis, rather than mid-word (the log has it whole)."""
+    if len(text) <= 64:
+        return text
+    cut = text[:61].rsplit(" ", 1)[0].rstrip(" :;,")
+    return cut + "..."
 
 
 def _identifier(context: Context, dataset: ReceivedDataset | None) -> Dataset:
@@ -249,7 +258,7 @@ def handle_move(settings: Settings, archive: Archive,
             log.error("C-MOVE from %s to %s: %s", assoc, destination, exc.message)
             counts.failed += counts.remaining
             _respond(assoc, context, C_MOVE_RSP, command, UNABLE_TO_PERFORM_SUB_OPERATIONS,
-                     comment=exc.message, counts=counts)
+                     comment=f"cannot send to {destination}: {exc.code}", counts=counts)
             return
         status, identifier = counts.final_status()
         log.info("C-MOVE from %s to %s: %d completed, %d failed, %d warning", assoc, destination,

@@ -130,6 +130,29 @@ def test_move_to_an_unknown_destination_is_a801(qr: tuple[Server, list[Path], St
     assert "[remotes.NOWHERE]" in server.stderr()
 
 
+def test_move_to_an_unreachable_destination_says_so_in_its_comment(tmp_path: Path) -> None:
+    """The destination is configured but nothing listens there: 0xA702 whose 64-character
+    Error Comment names the destination and the failure (it was the start of a longer
+    message, cut in the middle: "...connection refused by")."""
+    src = tmp_path / "src"
+    archive = Archive(tmp_path / "archive")
+    archive.put(testdata("explicit_le"))
+    archive.close()
+    study = str(pydicom.dcmread(testdata("explicit_le")).StudyInstanceUID)
+    (tmp_path / "serve").mkdir()
+    (tmp_path / "serve" / "config.toml").write_text(
+        f'[remotes.DEST]\nae_title = "DEST"\nhost = "127.0.0.1"\nport = {free_port()}\n')
+    server = start_server(tmp_path / "serve", archive=tmp_path / "archive")
+    try:
+        result = dcmtk("movescu", server, "-S", "-d", "-aem", "DEST", "-k",  # -d shows the comment
+                       "QueryRetrieveLevel=STUDY", "-k", f"StudyInstanceUID={study}", cwd=src)
+    finally:
+        server.stop()
+    output = result.stdout + result.stderr
+    assert "cannot send to DEST: connection-failed" in output, output
+    assert "connection refused" in server.stderr()  # the log has the whole story
+
+
 def test_move_of_nothing_known_is_success_with_no_sub_operations(
         qr: tuple[Server, list[Path], StoreSCP], tmp_path: Path) -> None:
     """A study the archive does not hold: success and nothing sent, as for C-GET; it used to
