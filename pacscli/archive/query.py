@@ -49,7 +49,7 @@ from pacscli.dicom.query import (
     sequence_matches,
     value_list,
 )
-from pacscli.errors import UsageError
+from pacscli.errors import PacsError, UsageError
 from pacscli.records import Record
 
 log = logging.getLogger(__name__)
@@ -535,3 +535,28 @@ def instances_for_retrieve(index: Index, level: str,
     root = index.path.parent
     return [RetrieveItem(root / row[0], row[1], row[2], row[3])
             for row in index.connection().execute(sql, where.params)]
+
+
+def record_level(record: Mapping[str, Any]) -> str:
+    """The level at which a record names instances: its QueryRetrieveLevel, else the level
+    of the deepest unique key it has. UsageError (code no-path) when it has none."""
+    level = str(record.get("QueryRetrieveLevel") or "").strip().upper()
+    if not level:
+        level = next((name for name in ("IMAGE", "SERIES", "STUDY", "PATIENT")
+                      if _identifier_values(record, UNIQUE_KEYS[name])), "")
+    if not level:
+        raise UsageError("no UID to look up in the archive", code="no-path")
+    return level
+
+
+def files_for_record(index: Index, record: Mapping[str, Any]) -> list[Path]:
+    """The archived files of what a record names by its UIDs (a `pacs find` record, say), at
+    its `record_level`. Raises as record_level does, and PacsError (code not-in-archive)
+    when the archive holds none of what it names."""
+    level = record_level(record)
+    items = instances_for_retrieve(index, level, record,
+                                   model="patient" if level == "PATIENT" else "study")
+    if not items:
+        raise PacsError(f"the archive {index.path.parent} has no instance of this "
+                        f"{level.lower()}", code="not-in-archive")
+    return [item.path for item in items]

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
 from pacscli.cli.common import (
     AetOpt,
+    ArchiveOpt,
     ConfigOpt,
     FormatOpt,
     Output,
@@ -19,6 +21,10 @@ from pacscli.cli.common import (
     run,
     setup_logging,
 )
+
+if TYPE_CHECKING:
+    from pacscli.archive.index import Index
+    from pacscli.records import Record
 
 COLUMNS = ["status", "path", "SOPInstanceUID", "transfer_syntax", "converted_from",
            "dimse_status", "fixed", "error", "reason"]
@@ -34,6 +40,7 @@ def store(
     ] = None,
     jobs: Annotated[int, typer.Option("--jobs", "-j", min=1,
                                       help="Parallel associations")] = 1,
+    archive: ArchiveOpt = None,
     aet: AetOpt = None,
     config: ConfigOpt = None,
     fmt: FormatOpt = None,
@@ -42,7 +49,8 @@ def store(
     """C-STORE DICOM files to a remote: one result record per file.
 
     Files go out as stored if the peer takes their syntax, else decompressed (Explicit VR LE).
-    Non-DICOM files are skipped.
+    Non-DICOM files are skipped. A stdin record without a path (`pacs find --archive`'s)
+    sends the archive's instances of what its UIDs name, at its QueryRetrieveLevel.
 
     Exit 0: all sent; 1: some failed; 2: no input; 3: could not associate.
     """
@@ -53,18 +61,32 @@ def store(
 
         quiet_pydicom(verbose)  # the records say what was fixed in dirty files
 
-        settings = get_settings(config, None, aet)
+        settings = get_settings(config, archive, aet)
         target = settings.remote(remote)
         out = Output(fmt, COLUMNS)
         if out.format == "table":
             out.columns = TABLE_COLUMNS
         progress, close_bar = progress_bar()
+        index: Index | None = None
+
+        def resolve(record: Record) -> list[Path]:
+            # Opened for the first record without a path: a store of files never loads it.
+            nonlocal index
+            from pacscli.archive.query import files_for_record, open_index, record_level
+
+            record_level(record)  # a record without UIDs fails as such, archive or none
+            if index is None:
+                index = open_index(settings.archive)
+            return files_for_record(index, record)
+
         try:
             out.emit_all(send(settings, target, input_records(paths), jobs=jobs,
-                              progress=progress))
+                              progress=progress, resolve=resolve))
         finally:
             close_bar()
             out.close()
+            if index is not None:
+                index.close()
         return out.exit_code()
 
     raise typer.Exit(run(body))

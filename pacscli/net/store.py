@@ -48,6 +48,8 @@ WARNING_STATUSES = frozenset({0x0001, 0xB000, 0xB006, 0xB007})
 MEDIA_STORAGE_DIRECTORY = "1.2.840.10008.1.3.10"  # a DICOMDIR: not an instance to send
 IDENTITY = ("StudyInstanceUID", "SeriesInstanceUID", "SOPClassUID", "SOPInstanceUID")
 _IDENTITY_TAGS = tuple(tag_of(kw) for kw in IDENTITY)
+# What a failed record keeps of an input record without a path, to say which one it was.
+_RECORD_KEYS = ("QueryRetrieveLevel", "PatientID", *IDENTITY)
 _IDENTITY_TAG_SET = frozenset(_IDENTITY_TAGS)
 
 Progress = Callable[[int, int], None]  # (instances done, instances to send)
@@ -233,14 +235,30 @@ def _not_a_file(path: Path) -> str:
     return "not a regular file (a FIFO, socket or device)"
 
 
-def collect(records: Iterable[Record]) -> Iterator[Instance | Record]:
-    """Instances to send from input records (`path` of a file or folder), or records for
-    inputs that will not be sent: skipped (not DICOM) or failed (missing, unreadable)."""
+# Finds the archived files of a record without a path, by its UIDs (`pacs store --archive`):
+# raises PacsError when it cannot.
+Resolver = Callable[[Record], list[Path]]
+
+
+def collect(records: Iterable[Record], resolve: Resolver | None = None) -> Iterator[Instance | Record]:
+    """Instances to send from input records (`path` of a file or folder; without one, the
+    files `resolve` finds for the record's UIDs), or records for inputs that will not be
+    sent: skipped (not DICOM) or failed (missing, unreadable, not in the archive)."""
     for number, record in enumerate(records, start=1):
         raw_path = record.get("path")
         if not raw_path:
-            yield failed(UsageError(f"input record {number} has no path", code="no-path"),
-                         input=number, **{k: v for k, v in record.items() if k in IDENTITY})
+            identity = {k: v for k, v in record.items() if k in _RECORD_KEYS}
+            if resolve is None:
+                yield failed(UsageError(f"input record {number} has no path", code="no-path"),
+                             input=number, **identity)
+                continue
+            try:
+                files = resolve(record)
+            except PacsError as exc:
+                yield failed(PacsError(f"input record {number} has no path, and {exc.message}",
+                                       code=exc.code), input=number, **identity)
+                continue
+            yield from _instances(files)
             continue
         path = Path(str(raw_path))
         try:
@@ -257,23 +275,28 @@ def collect(records: Iterable[Record]) -> Iterator[Instance | Record]:
             yield failed(InvalidDicomError(f"{str(path)!r}: not a usable path (it holds a NUL "
                                            "character)", code="bad-path"), path=str(path))
             continue
-        for file in _files(path):
-            if not file.is_file():  # never opened: reading a FIFO would wait forever
-                yield {"path": str(file), "status": "skipped", "reason": _not_a_file(file)}
-                continue
-            try:
-                instance = scan(file)
-            except NotDicomError as exc:
-                yield {"path": str(file), "status": "skipped", "reason": exc.message}
-                continue
-            except InvalidDicomError as exc:
-                yield failed(exc, path=str(file))
-                continue
-            if instance.sop_class == MEDIA_STORAGE_DIRECTORY:
-                yield {"path": str(file), "status": "skipped",
-                       "reason": "a DICOMDIR (media directory), not an instance"}
-            else:
-                yield instance
+        yield from _instances(_files(path))
+
+
+def _instances(files: Iterable[Path]) -> Iterator[Instance | Record]:
+    """Each file as an Instance to send, or as the record of why it will not be sent."""
+    for file in files:
+        if not file.is_file():  # never opened: reading a FIFO would wait forever
+            yield {"path": str(file), "status": "skipped", "reason": _not_a_file(file)}
+            continue
+        try:
+            instance = scan(file)
+        except NotDicomError as exc:
+            yield {"path": str(file), "status": "skipped", "reason": exc.message}
+            continue
+        except InvalidDicomError as exc:
+            yield failed(exc, path=str(file))
+            continue
+        if instance.sop_class == MEDIA_STORAGE_DIRECTORY:
+            yield {"path": str(file), "status": "skipped",
+                   "reason": "a DICOMDIR (media directory), not an instance"}
+        else:
+            yield instance
 
 
 def syntax_groups(syntaxes: Collection[str]) -> list[list[str]]:
@@ -551,8 +574,9 @@ def _in_threads(shares: list[Iterator[Record]], stop: threading.Event) -> Iterat
 
 
 def store(settings: Settings, remote: Remote, records: Iterable[Record], *, jobs: int = 1,
-          progress: Progress | None = None) -> Iterator[Record]:
-    """C-STORE the files named by `records` (files or folders) to `remote`.
+          progress: Progress | None = None, resolve: Resolver | None = None) -> Iterator[Record]:
+    """C-STORE the files named by `records` (files or folders, or UIDs `resolve` finds
+    files for) to `remote`.
 
     Yields one record per file: ok, warning, failed or skipped (not DICOM). Files are read
     (headers only) before the first association, since contexts are negotiated up front.
@@ -570,13 +594,14 @@ def store(settings: Settings, remote: Remote, records: Iterable[Record], *, jobs
             given += 1
             yield record
 
-    for item in collect(counted()):
+    for item in collect(counted(), resolve):
         if isinstance(item, Instance):
             instances.append(item)
         else:
             yield item
     if not given:
-        raise UsageError("nothing to store: give files or folders, or records with a path on stdin")
+        raise UsageError("nothing to store: give files or folders, or records with a path (or "
+                         "the UIDs of archived instances) on stdin")
     if not instances:
         log.warning("no DICOM instance to send among the inputs")
         return

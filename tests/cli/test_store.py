@@ -377,14 +377,45 @@ def test_stdin_records_and_parallel_jobs(tmp_path: Path, storescp: Storescp) -> 
 
 def test_a_record_without_path_names_its_line(tmp_path: Path, storescp: Storescp) -> None:
     remote, _ = storescp()
-    stdin = json.dumps({"path": str(testdata("explicit_le"))}) + '\n{"SOPInstanceUID": "1.2"}\n'
-    result = pacs_store(tmp_path, remote, stdin=stdin)
+    stdin = (json.dumps({"path": str(testdata("explicit_le"))}) + '\n{"SOPInstanceUID": "1.2"}\n'
+             + '{"status": "ok"}\n')
+    result = pacs_store(tmp_path, remote, "--archive", str(tmp_path / "none"), stdin=stdin)
     assert result.returncode == 1
     [ok] = [r for r in records(result) if r["status"] == "ok"]
-    [bad] = [r for r in records(result) if r["status"] == "failed"]
+    [no_archive, no_uid] = [r for r in records(result) if r["status"] == "failed"]
     assert ok["path"] == str(testdata("explicit_le"))
-    assert bad["input"] == 2 and bad["SOPInstanceUID"] == "1.2"
-    assert bad["error"] == {"code": "no-path", "message": "input record 2 has no path"}
+    assert no_archive["input"] == 2 and no_archive["SOPInstanceUID"] == "1.2"
+    assert no_archive["error"]["message"].startswith(
+        f"input record 2 has no path, and no archive at {tmp_path / 'none'}")
+    assert no_uid["input"] == 3 and no_uid["error"] == {
+        "code": "no-path", "message": "input record 3 has no path, and no UID to look up in the archive"}
+
+
+def test_find_records_of_the_archive_send_its_instances(tmp_path: Path, storescp: Storescp) -> None:
+    """`pacs find --archive A | pacs store REMOTE --archive A`: records without a path send
+    the archived instances their UIDs name, at their level (DESIGN.md section 2)."""
+    from pacscli.archive.archive import Archive
+
+    remote, out = storescp()
+    archive = Archive(tmp_path / "archive")
+    kept = [archive.put(testdata(name)) for name in ("explicit_le", "implicit_le", "rle")]
+    archive.close()
+    wanted = kept[0].info
+    found = subprocess.run(pacs_cmd("find", "--archive", str(tmp_path / "archive"), "--level", "series",
+                                    "-k", f"SeriesInstanceUID={wanted.series_uid}"),
+                           capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL)
+    assert found.returncode == 0, found.stderr
+    missing = json.dumps({"QueryRetrieveLevel": "STUDY", "StudyInstanceUID": "1.2.3.4"}) + "\n"
+    result = pacs_store(tmp_path, remote, "--archive", str(tmp_path / "archive"),
+                        stdin=found.stdout + missing)
+    assert result.returncode == 1
+    [sent] = [r for r in records(result) if r["status"] == "ok"]
+    assert sent["SOPInstanceUID"] == wanted.sop_uid and sent["path"] == str(kept[0].path)
+    [absent] = [r for r in records(result) if r["status"] == "failed"]
+    assert absent["error"]["code"] == "not-in-archive" and "has no instance of this study" \
+        in absent["error"]["message"]
+    [received] = list(out.iterdir())
+    assert pydicom.dcmread(received).SOPInstanceUID == wanted.sop_uid
 
 
 def test_store_folder_to_pacs_serve(tmp_path: Path) -> None:
