@@ -240,11 +240,13 @@ def _not_a_file(path: Path) -> str:
 Resolver = Callable[[Record], list[Path]]
 
 
-def collect(records: Iterable[Record], resolve: Resolver | None = None) -> Iterator[Instance | Record]:
+def collect(records: Iterable[Record], resolve: Resolver | None = None,
+            first: int = 1) -> Iterator[Instance | Record]:
     """Instances to send from input records (`path` of a file or folder; without one, the
     files `resolve` finds for the record's UIDs), or records for inputs that will not be
-    sent: skipped (not DICOM) or failed (missing, unreadable, not in the archive)."""
-    for number, record in enumerate(records, start=1):
+    sent: skipped (not DICOM) or failed (missing, unreadable, not in the archive). `first`
+    is the first record's number, for messages."""
+    for number, record in enumerate(records, start=first):
         raw_path = record.get("path")
         if not raw_path:
             identity = {k: v for k, v in record.items() if k in _RECORD_KEYS}
@@ -540,6 +542,49 @@ def _send_share(settings: Settings, remote: Remote, instances: Sequence[Instance
                 assoc.release()
 
 
+# Input records, read ahead in a thread, are sent in rounds: those that have come, up to
+# ROUND_MAX, once none came for ROUND_WAIT s. Paths given as arguments make one round;
+# records that trickle in (`pacs serve | pacs store OTHER`, a forwarder) go as they come.
+ROUND_MAX = 10_000
+ROUND_WAIT = 0.05
+_END = object()
+
+
+def _rounds(records: Iterator[Record]) -> Iterator[list[Record]]:
+    """`records`, read in a thread of their own (stdin may block), in rounds as they come.
+    An exception of the reading (a line that is not JSON...) is raised here."""
+    ready: queue.SimpleQueue[object] = queue.SimpleQueue()
+
+    def read() -> None:
+        try:
+            for record in records:
+                ready.put(record)
+        except BaseException as exc:  # handed to the consumer's thread
+            ready.put(exc)
+        ready.put(_END)
+
+    threading.Thread(target=read, name="store-input", daemon=True).start()
+    ended = False
+    while not ended:
+        batch: list[Record] = []
+        item = ready.get()
+        while True:
+            if item is _END:
+                ended = True
+                break
+            if isinstance(item, BaseException):
+                raise item
+            batch.append(item)  # type: ignore[arg-type]
+            if len(batch) >= ROUND_MAX:
+                break
+            try:
+                item = ready.get(timeout=ROUND_WAIT)
+            except queue.Empty:
+                break
+        if batch:
+            yield batch
+
+
 def _in_threads(shares: list[Iterator[Record]], stop: threading.Event) -> Iterator[Record]:
     """Run each share's generator in its own thread; yield their records as they come."""
     results: queue.Queue[Record | BaseException | None] = queue.Queue()
@@ -585,8 +630,8 @@ def store(settings: Settings, remote: Remote, records: Iterable[Record], *, jobs
     """
     if jobs < 1:
         raise UsageError("--jobs must be at least 1")
-    instances: list[Instance] = []
-    given = 0
+    given = numbered = known = answered = done = 0  # given: read ahead; numbered: collected
+    errors: list[NetworkError] = []
 
     def counted() -> Iterator[Record]:
         nonlocal given
@@ -594,33 +639,37 @@ def store(settings: Settings, remote: Remote, records: Iterable[Record], *, jobs
             given += 1
             yield record
 
-    for item in collect(counted(), resolve):
-        if isinstance(item, Instance):
-            instances.append(item)
-        else:
-            yield item
+    stop = threading.Event()
+    with tempfile.TemporaryDirectory(prefix="pacs-store-", ignore_cleanup_errors=True) as tmp:
+        try:
+            for batch in _rounds(counted()):
+                instances: list[Instance] = []
+                # Files are read here, not in the thread reading the input: beside the
+                # sending, that thread held the GIL while answers waited for it.
+                for item in collect(batch, resolve, first=numbered + 1):
+                    if isinstance(item, Instance):
+                        instances.append(item)
+                    else:
+                        yield item
+                numbered += len(batch)
+                known += len(instances)
+                stop = threading.Event()  # each round's: _in_threads sets it as it ends
+                shares = [_send_share(settings, remote, instances[n::jobs], Path(tmp), errors, stop)
+                          for n in range(min(jobs, len(instances)))]
+                stream = shares[0] if len(shares) == 1 else _in_threads(shares, stop)
+                for record in stream:
+                    done += 1
+                    answered += "dimse_status" in record
+                    if progress is not None:
+                        progress(done, known)
+                    yield record
+        finally:
+            stop.set()
     if not given:
         raise UsageError("nothing to store: give files or folders, or records with a path (or "
                          "the UIDs of archived instances) on stdin")
-    if not instances:
+    if not known:
         log.warning("no DICOM instance to send among the inputs")
-        return
-    errors: list[NetworkError] = []
-    answered = done = 0
-    stop = threading.Event()
-    with tempfile.TemporaryDirectory(prefix="pacs-store-", ignore_cleanup_errors=True) as tmp:
-        shares = [_send_share(settings, remote, instances[n::jobs], Path(tmp), errors, stop)
-                  for n in range(min(jobs, len(instances)))]
-        stream = shares[0] if len(shares) == 1 else _in_threads(shares, stop)
-        try:
-            for record in stream:
-                done += 1
-                answered += "dimse_status" in record
-                if progress is not None:
-                    progress(done, len(instances))
-                yield record
-        finally:
-            stop.set()
     if not answered and errors:
         raise errors[0]
 

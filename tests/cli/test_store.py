@@ -533,3 +533,31 @@ def test_paths_no_file_can_have_fail_as_records(tmp_path: Path) -> None:
                         stdin=json.dumps({"path": "/tmp/x\u0000y"}) + "\n")
     [record] = [json.loads(line) for line in result.stdout.splitlines()]
     assert record["error"]["code"] == "bad-path" and result.returncode == 1
+
+
+def test_records_are_sent_as_they_come(tmp_path: Path, storescp: Storescp) -> None:
+    """stdin that stays open (`pacs serve | pacs store OTHER`, a forwarder): each record's
+    instance goes out as it comes; store used to read all of stdin first, so a forwarder
+    sent nothing until the receiver stopped."""
+    import select
+
+    remote, out = storescp()
+    config = tmp_path / "config.toml"
+    config.write_text("")
+    proc = subprocess.Popen(pacs_cmd("store", remote), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "PACS_CONFIG": str(config)})
+    assert proc.stdin is not None and proc.stdout is not None
+    try:
+        for name in ("explicit_le", "implicit_le"):
+            proc.stdin.write(json.dumps({"path": str(testdata(name))}) + "\n")
+            proc.stdin.flush()
+            ready, _, _ = select.select([proc.stdout], [], [], 30)
+            assert ready, f"no record for {name} while stdin is still open"
+            record = json.loads(proc.stdout.readline())
+            assert record["status"] == "ok" and record["path"] == str(testdata(name))
+        proc.stdin.close()
+        assert proc.wait(60) == 0
+    finally:
+        proc.kill()
+    assert len(list(out.iterdir())) == 2
