@@ -304,17 +304,26 @@ class Run:
         return count / self.seconds
 
 
+def transfer(data: Path, server: Server, what: str) -> Sent:
+    """storescu of `data` to `server`, stopped after (a warning when it then fails); a
+    RuntimeError naming `what` with both sides' output when storescu failed."""
+    try:
+        sent = storescu(data, server)
+    finally:
+        status = server.stop()
+    if sent.returncode != 0:
+        raise RuntimeError(f"storescu to {what} failed ({sent.returncode}):\n{sent.output[-2000:]}"
+                           f"\n--- {what} stderr:\n{server.log_tail()}")
+    if status not in (0, None, -signal.SIGTERM):
+        print(f"warning: {what} exited with status {status}:\n{server.log_tail()}", file=sys.stderr)
+    return sent
+
+
 def run_storescp(data: Path, work: Path, run: int) -> Run:
     """One transfer to a fresh storescp."""
     outdir = work / f"storescp-{run}"
     server = start_storescp(outdir, work / "logs", name=f"storescp-{run}")
-    try:
-        sent = storescu(data, server)
-    finally:
-        server.stop()
-    if sent.returncode != 0:
-        raise RuntimeError(f"storescu to storescp failed ({sent.returncode}):\n{sent.output[-2000:]}")
-    return Run(sent.seconds, count_files(outdir))
+    return Run(transfer(data, server, "storescp").seconds, count_files(outdir))
 
 
 def run_sender_alone(data: Path, work: Path) -> float:
@@ -324,14 +333,7 @@ def run_sender_alone(data: Path, work: Path) -> float:
     server = start_server("storescp-ignore", [STORESCP, "--ignore", "-aet", STORESCP_AET,
                                               str(port)], port, STORESCP_AET, work / "logs",
                           env=DCMTK_ENV)
-    try:
-        sent = storescu(data, server)
-    finally:
-        server.stop()
-    if sent.returncode != 0:
-        raise RuntimeError(f"storescu to storescp --ignore failed ({sent.returncode}):\n"
-                           f"{sent.output[-2000:]}")
-    return sent.seconds
+    return transfer(data, server, "storescp --ignore").seconds
 
 
 def run_floor(data: Path, work: Path, run: int) -> Run:
@@ -341,30 +343,14 @@ def run_floor(data: Path, work: Path, run: int) -> Run:
     server = start_server(f"floor-{run}", [sys.executable, str(REPO / "scripts" / "floor_receiver.py"),
                                            "--port", str(port), "--dir", str(folder)],
                           port, PACS_AET, work / "logs")
-    try:
-        sent = storescu(data, server)
-    finally:
-        server.stop()
-    if sent.returncode != 0:
-        raise RuntimeError(f"storescu to floor_receiver.py failed ({sent.returncode}):\n"
-                           f"{sent.output[-2000:]}\n--- its stderr:\n{server.log_tail()}")
-    return Run(sent.seconds, count_files(folder / "files"))
+    return Run(transfer(data, server, "floor_receiver.py").seconds, count_files(folder / "files"))
 
 
 def run_pacs(data: Path, work: Path, run: int, durability: str | None) -> Run:
     """One transfer to a fresh `pacs serve` archive."""
     archive = work / f"archive-{run}"
     server = start_pacs_serve(archive, work / "logs", durability, name=f"pacs-serve-{run}")
-    try:
-        sent = storescu(data, server)
-    finally:
-        status = server.stop()
-    if sent.returncode != 0:
-        raise RuntimeError(f"storescu to pacs serve failed ({sent.returncode}):\n"
-                           f"{sent.output[-2000:]}\n--- pacs serve stderr:\n{server.log_tail()}")
-    if status not in (0, None):
-        print(f"warning: pacs serve exited with status {status}:\n{server.log_tail()}",
-              file=sys.stderr)
+    sent = transfer(data, server, "pacs serve")
     return Run(sent.seconds, count_files(archive / "studies"), index_rows(archive),
                ok_records(server.stdout))
 
