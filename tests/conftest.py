@@ -9,7 +9,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -107,7 +107,8 @@ class Server:
 
 
 def start_server(tmp: Path, *extra: str, archive: Path | None = None, aet: str = "PACSCLI",
-                 port: int | None = None, env: dict[str, str] | None = None) -> Server:
+                 port: int | None = None, env: dict[str, str] | None = None,
+                 preexec: Callable[[], None] | None = None) -> Server:
     """Start `pacs serve` on a free loopback port and wait until it listens."""
     port = port or free_port()
     archive = archive or tmp / "archive"
@@ -121,7 +122,7 @@ def start_server(tmp: Path, *extra: str, archive: Path | None = None, aet: str =
         pacs_cmd("serve", "--archive", str(archive), "--aet", aet, "--port", str(port),
                  "--bind", "127.0.0.1", "--format", "jsonl", *extra),
         stdout=out.open("wb"), stderr=err.open("wb"), stdin=subprocess.DEVNULL,
-        env={**os.environ, "PACS_CONFIG": str(config), **(env or {})},
+        env={**os.environ, "PACS_CONFIG": str(config), **(env or {})}, preexec_fn=preexec,
     )
     try:
         wait_for_port(port, proc=proc)

@@ -8,8 +8,11 @@ message to a service function. The association PDUs (A-ASSOCIATE-RQ/AC/RJ) are
 pacscli.net.pdu's; pynetdicom stays the library for every SCU but `pacs store`.
 
 Limits enforced here (DESIGN.md section 5): an A-ASSOCIATE-RQ over 1 MiB, a P-DATA PDU over
-the maximum we advertised, or an unknown PDU type aborts the association; at most
-`max_associations` run at once, later ones are rejected (transient, local limit exceeded).
+the maximum we advertised, a release or abort PDU of other than 4 bytes, a command set over
+64 KiB, or an unknown PDU type aborts the association; the A-ASSOCIATE-RQ must come whole
+within the ACSE timeout; at most `max_associations` run at once, later ones are rejected
+(transient, local limit exceeded), and connections not yet associated beyond twice that
+(plus 16) are closed at once.
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ from pacscli.net.pdu import (
     ABSTRACT_SYNTAX_NOT_SUPPORTED,
     ACCEPTANCE,
     APPLICATION_CONTEXT,
+    NO_REASON,
     TRANSFER_SYNTAXES_NOT_SUPPORTED,
     Associate,
     PduError,
@@ -49,8 +53,10 @@ log = logging.getLogger(__name__)
 
 A_ASSOCIATE_RQ_TYPE, A_ASSOCIATE_AC_TYPE, A_ASSOCIATE_RJ_TYPE = 0x01, 0x02, 0x03
 P_DATA_TF_TYPE, A_RELEASE_RQ_TYPE, A_RELEASE_RP_TYPE, A_ABORT_TYPE = 0x04, 0x05, 0x06, 0x07
+_FOUR_BYTE_PDUS = (A_ASSOCIATE_RJ_TYPE, A_RELEASE_RQ_TYPE, A_RELEASE_RP_TYPE, A_ABORT_TYPE)
 
 MAX_ASSOCIATE_PDU = 1024 * 1024
+MAX_COMMAND = 64 * 1024  # a command set is a few hundred bytes; its fragments stop here
 # Datasets up to this size are received in memory; larger ones go to a staging file as
 # they arrive, so a 1 GB instance never sits in memory.
 SPILL_THRESHOLD = 16 * 1024 * 1024
@@ -250,6 +256,10 @@ class Association:
         # from a file (a fresh buffer filled by joining PDVs cost ~0.5 ms per CT slice).
         self._send_buffer = bytearray()
         self._pdu_left = 0  # bytes of the current P-DATA PDU not read yet (PDVs of a next message)
+        # While set (time.monotonic()), reads end there whatever the peer sends: the ACSE
+        # timeout bounds a whole A-ASSOCIATE-RQ, not each read, so a byte every few
+        # seconds cannot hold a connection open.
+        self.deadline: float | None = None
 
     # -- framing ---------------------------------------------------------------------------
 
@@ -259,9 +269,14 @@ class Association:
         return buffer
 
     def _recv_into(self, view: memoryview) -> None:
-        """Fill `view` from the socket."""
+        """Fill `view` from the socket (TimeoutError past `deadline`, when one is set)."""
         got, size = 0, len(view)
         while got < size:
+            if self.deadline is not None:
+                left = self.deadline - time.monotonic()
+                if left <= 0:
+                    raise TimeoutError("timed out")
+                self.sock.settimeout(left)
             n = self.sock.recv_into(view[got:], size - got)
             if n == 0:
                 raise AssociationClosed("the peer closed the connection")
@@ -279,9 +294,14 @@ class Association:
         if pdu_type == P_DATA_TF_TYPE and length > self.max_pdu:
             self.abort(ABORT_INVALID_PARAMETER)
             raise AssociationClosed(f"P-DATA-TF of {length} bytes exceeds our maximum {self.max_pdu}")
-        if pdu_type == A_ASSOCIATE_RQ_TYPE and length > MAX_ASSOCIATE_PDU:
+        if pdu_type in (A_ASSOCIATE_RQ_TYPE, A_ASSOCIATE_AC_TYPE) and length > MAX_ASSOCIATE_PDU:
             self.abort(ABORT_INVALID_PARAMETER)
-            raise AssociationClosed(f"A-ASSOCIATE-RQ of {length} bytes exceeds 1 MiB")
+            raise AssociationClosed(f"association PDU of {length} bytes exceeds 1 MiB")
+        # Their bodies are 4 bytes (PS3.8 9.3.4, 9.3.6-9.3.8): a longer claim is never read,
+        # so a peer cannot make us hold gigabytes for it.
+        if pdu_type in _FOUR_BYTE_PDUS and length != 4:
+            self.abort(ABORT_INVALID_PARAMETER)
+            raise AssociationClosed(f"PDU type 0x{pdu_type:02x} of {length} bytes, not 4")
         if pdu_type not in (A_ASSOCIATE_RQ_TYPE, A_ASSOCIATE_AC_TYPE, A_ASSOCIATE_RJ_TYPE,
                             P_DATA_TF_TYPE, A_RELEASE_RQ_TYPE, A_RELEASE_RP_TYPE, A_ABORT_TYPE):
             self.abort(ABORT_UNRECOGNIZED_PDU)
@@ -414,6 +434,7 @@ class Association:
         command_bytes = bytearray()
         command: Command | None = None
         context: Context | None = None
+        message_context: int | None = None
         dataset: ReceivedDataset | None = None
         try:
             while True:
@@ -445,9 +466,16 @@ class Association:
                     left -= 4 + item_length
                     if context_id not in self.contexts:
                         raise self._protocol_error(f"PDV on context {context_id}, not accepted")
+                    if message_context is None:
+                        message_context = context_id
+                    elif context_id != message_context:  # PS3.8 9.3.5.1: one context a message
+                        raise self._protocol_error(f"PDV on context {context_id} in a message "
+                                                   f"begun on context {message_context}")
                     if control & 0x01:  # command fragment
                         if command is not None:
                             raise self._protocol_error("a second command before the dataset")
+                        if len(command_bytes) + item_length - 2 > MAX_COMMAND:
+                            raise self._protocol_error(f"a command set over {MAX_COMMAND} bytes")
                         command_bytes += self._recv_exact(item_length - 2)
                         if control & 0x02:
                             try:
@@ -558,6 +586,7 @@ class AssociationServer:
     _stopping: threading.Event = field(default_factory=threading.Event)
     _acceptor: threading.Thread | None = None
     _past_grace: bool = False  # stop(): associations are aborted at their next message
+    _admit_lock: threading.Lock = field(default_factory=threading.Lock)
 
     def start(self, bind: str, port: int) -> tuple[str, int]:
         """Listen on bind:port (port 0 picks one) and accept in the background."""
@@ -585,10 +614,20 @@ class AssociationServer:
                 client, address = self._sock.accept()
             except TimeoutError:
                 continue
-            except OSError:
+            except OSError as exc:
                 if self._stopping.is_set():
                     return
-                raise
+                # Out of descriptors or memory: the connections open now will end; wait
+                # for that rather than stop accepting for good.
+                log.warning("cannot accept a connection: %s; trying again", exc.strerror or exc)
+                time.sleep(0.5)
+                continue
+            if len(self.active()) >= self._max_connections():
+                log.warning("refused a connection from %s:%s: %d connections open already "
+                            "(max_associations is %d)", *address[:2], len(self.active()),
+                            self.config.max_associations)
+                client.close()
+                continue
             client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             client.settimeout(self.config.acse_timeout)
             assoc = Association(client, address[:2], max_pdu=self.config.max_pdu,
@@ -599,6 +638,12 @@ class AssociationServer:
                 self._threads = {t: a for t, a in self._threads.items() if t.is_alive()}
                 self._threads[thread] = assoc
             thread.start()
+
+    def _max_connections(self) -> int:
+        """Connections open at once, associated or not yet: room beyond max_associations
+        for those to be rejected politely, and for probes, but not without end (each holds
+        a thread and a descriptor)."""
+        return 2 * self.config.max_associations + 16
 
     def _run(self, assoc: Association) -> None:
         try:
@@ -615,6 +660,11 @@ class AssociationServer:
                     log.info("association with %s released", assoc)
                     return
                 context, command, dataset = message
+                if command.field == C_CANCEL_RQ:  # for an operation that ended as it came
+                    log.info("%s cancelled message %d, which is over", assoc,
+                             command.number("MessageIDBeingRespondedTo"))
+                    assoc.busy = False
+                    continue
                 service = self.services.get(command.field)
                 try:
                     if service is None:
@@ -627,13 +677,13 @@ class AssociationServer:
                     assoc.busy = False
                     if dataset is not None:
                         dataset.discard()
-        except AssociationClosed as exc:
-            log.info("association with %s ended: %s", assoc, exc)
+        except AssociationClosed as exc:  # not released: worth a line without -v
+            log.warning("association with %s ended without a release: %s", assoc, exc)
         except TimeoutError:
             log.warning("association with %s timed out; aborting", assoc)
             assoc.abort()
         except OSError as exc:
-            log.info("association with %s lost: %s", assoc, exc)
+            log.warning("association with %s lost: %s", assoc, exc)
         except Exception:
             log.exception("error in association with %s; aborting", assoc)
             assoc.abort()
@@ -644,11 +694,14 @@ class AssociationServer:
 
     def _negotiate(self, assoc: Association) -> bool:
         """Read the A-ASSOCIATE-RQ and accept or reject it."""
+        assoc.deadline = time.monotonic() + self.config.acse_timeout
         try:
             pdu_type, body = assoc.recv_pdu()
         except (AssociationClosed, TimeoutError, OSError) as exc:
             log.info("connection from %s:%s closed before associating: %s", *assoc.address, exc)
             return False
+        finally:
+            assoc.deadline = None
         if pdu_type != A_ASSOCIATE_RQ_TYPE:
             assoc.abort(ABORT_UNEXPECTED_PDU)
             return False
@@ -660,17 +713,18 @@ class AssociationServer:
             return False
         assoc.calling_aet = request.calling_ae_title
         assoc.called_aet = request.called_ae_title
-        reject = self._rejection(assoc, request)
+        reject = self._rejection(assoc, request) or self._admit(assoc)
         if reject is not None:
             rejection, why = reject
             log.warning("rejected association from %s (called %s): %s", assoc, assoc.called_aet, why)
             self._send_reject(assoc, rejection)
             return False
         assoc.peer_max_pdu = request.max_pdu or _DEFAULT_SEND_PDU
-        assoc.roles = dict(request.roles)
         results = self._negotiate_contexts(assoc, request.contexts)
+        # Roles are answered for the SOP classes of accepted contexts only (PS3.7 D.3.3.4)
+        accepted = {c.abstract_syntax for c in assoc.contexts.values()}
+        assoc.roles = {uid: role for uid, role in request.roles.items() if uid in accepted}
         self._send_accept(assoc, request, results)
-        assoc.established = True
         log.info("association from %s accepted with %d contexts", assoc, len(assoc.contexts))
         return True
 
@@ -686,9 +740,17 @@ class AssociationServer:
                                         f"({config.ae_title!r})")
         if self._stopping.is_set():
             return Rejection(2, 3, 1), "shutting down"
-        running = sum(1 for a in self.active() if a.established)
-        if running >= config.max_associations:
-            return Rejection(2, 3, 2), f"already {running} associations (max_associations)"
+        return None
+
+    def _admit(self, assoc: Association) -> tuple[Rejection, str] | None:
+        """Count `assoc` among the associations (established), unless max_associations are
+        running: then the rejection. One at a time, so that requests arriving together
+        cannot all pass the count before any is counted."""
+        with self._admit_lock:
+            running = sum(1 for a in self.active() if a.established)
+            if running >= self.config.max_associations:
+                return Rejection(2, 3, 2), f"already {running} associations (max_associations)"
+            assoc.established = True
         return None
 
     def _negotiate_contexts(self, assoc: Association,
@@ -698,6 +760,14 @@ class AssociationServer:
         encoded, not a conversion made for us."""
         results = []
         for rq in requested:
+            if rq.context_id % 2 == 0 or rq.context_id in assoc.contexts:
+                # An ID must be odd and name one context (PS3.8 9.3.2.2): a second one
+                # would silently take the first one's place.
+                log.warning("%s proposed presentation context ID %d twice or even: refused",
+                            assoc, rq.context_id)
+                results.append(PresentationContext(rq.context_id, rq.abstract_syntax,
+                                                   [rq.transfer_syntax[0]], NO_REASON))
+                continue
             ours = self.config.supported.get(rq.abstract_syntax)
             chosen = None if ours is None else next((ts for ts in rq.transfer_syntax if ts in ours), None)
             if chosen is None:

@@ -217,3 +217,188 @@ def test_a_dataset_spilled_to_a_file_drops_its_sink(tmp_path: Path) -> None:
     dataset.discard()
     assert not [p for p in archive.staging.iterdir() if p.stat().st_size]
     archive.close()
+
+
+def _echo_works(port: int) -> bool:
+    ae = AE(ae_title="AFTER")
+    ae.add_requested_context(Verification)
+    assoc = ae.associate("127.0.0.1", port, ae_title="PACSCLI")
+    if not assoc.is_established:
+        return False
+    status = assoc.send_c_echo()
+    assoc.release()
+    return bool(status) and status.Status == 0
+
+
+def test_a_pdu_claiming_gigabytes_is_never_read(server: Server) -> None:
+    """A-RELEASE-RQ and A-ABORT bodies are 4 bytes: one claiming 1.5 GB, before or after the
+    association is made, is aborted at its header. It used to be read whole, into memory
+    (two such connections took serve to 3 GB)."""
+    for associated in (False, True):
+        sock = raw_associate(server.port) if associated else \
+            socket.create_connection(("127.0.0.1", server.port), timeout=10)
+        sock.sendall(struct.pack(">BBI", 0x05, 0, 1_500_000_000) + b"\x00" * 65536)
+        assert read_pdu(sock)[0] == 0x07  # A-ABORT, at once
+        sock.close()
+    status = Path(f"/proc/{server.proc.pid}/status")
+    rss_kb = next(int(line.split()[1]) for line in status.read_text().splitlines()
+                  if line.startswith("VmRSS"))
+    assert rss_kb < 300_000
+    assert _echo_works(server.port)
+
+
+def test_command_fragments_without_end_are_aborted(server: Server) -> None:
+    """Command PDVs that never say "last": aborted past 64 KiB (they piled up without
+    bound, 1 GB for 60,000 of them)."""
+    sock = raw_associate(server.port)
+    fragment = p_data(1, 0x01, b"\x00" * 16_000)
+    answer = -1
+    for _ in range(10):
+        try:
+            sock.sendall(fragment)
+        except OSError:
+            break
+    answer = read_pdu(sock)[0]
+    sock.close()
+    assert answer == 0x07
+    assert _echo_works(server.port)
+
+
+def test_an_association_request_must_come_within_the_acse_timeout(tmp_path: Path) -> None:
+    """[network] acse_timeout bounds the whole A-ASSOCIATE-RQ: a peer sending a byte every
+    half second is dropped (it was timed per read, so it could stay for ever)."""
+    import select
+
+    config = tmp_path / "serve" / "config.toml"
+    config.parent.mkdir(parents=True)
+    config.write_text("[network]\nacse_timeout = 1.5\n")
+    server = start_server(tmp_path / "serve")
+    try:
+        sock = socket.create_connection(("127.0.0.1", server.port), timeout=10)
+        started = time.monotonic()
+        dropped = False
+        for byte in struct.pack(">BBI", 0x01, 0, 300) + b"\x00" * 300:
+            if select.select([sock], [], [], 0.5)[0] or time.monotonic() - started > 8:
+                dropped = sock.recv(16) in (b"",) or True  # closed, or an A-ABORT came
+                break
+            try:
+                sock.sendall(bytes([byte]))
+            except OSError:
+                dropped = True
+                break
+        assert dropped and time.monotonic() - started < 4
+        sock.close()
+    finally:
+        server.stop()
+
+
+def test_requests_arriving_together_respect_max_associations(tmp_path: Path) -> None:
+    """20 A-ASSOCIATE-RQs at once with max_associations = 2: two accepted, the rest
+    rejected (the count came before the counting, so 4 or 8 got in)."""
+    import threading
+
+    config = tmp_path / "serve" / "config.toml"
+    config.parent.mkdir(parents=True)
+    config.write_text("[serve]\nmax_associations = 2\n")
+    server = start_server(tmp_path / "serve")
+    results: list[int] = []
+    held: list[socket.socket] = []
+    lock = threading.Lock()
+    go = threading.Barrier(20)
+
+    def request() -> None:
+        go.wait()
+        try:
+            sock = raw_associate(server.port)
+        except AssertionError:
+            with lock:
+                results.append(0x03)
+            return
+        with lock:
+            results.append(0x02)
+            held.append(sock)
+
+    threads = [threading.Thread(target=request) for _ in range(20)]
+    try:
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(30)
+        assert results.count(0x02) == 2 and results.count(0x03) == 18
+    finally:
+        for sock in held:
+            sock.close()
+        server.stop()
+
+
+def test_serve_outlives_running_out_of_descriptors(tmp_path: Path) -> None:
+    """With few descriptors (a low ulimit -n), a flood of bare connections: serve refuses
+    what it cannot take, and answers again once they close (its accept loop died, leaving
+    a process that ran but never answered)."""
+    import resource
+
+    def few_descriptors() -> None:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (96, 96))
+
+    port_server = start_server(tmp_path / "serve", preexec=few_descriptors)
+    flood = []
+    try:
+        for _ in range(150):
+            try:
+                flood.append(socket.create_connection(("127.0.0.1", port_server.port), timeout=5))
+            except OSError:
+                break
+        time.sleep(1)
+        for sock in flood:
+            sock.close()
+        time.sleep(1.5)
+        assert port_server.proc.poll() is None
+        assert _echo_works(port_server.port)
+    finally:
+        for sock in flood:
+            sock.close()
+        port_server.stop()
+
+
+def test_a_c_cancel_after_the_last_response_is_ignored(server: Server) -> None:
+    """A C-CANCEL that crosses the final C-FIND response (a normal race for a client
+    cancelling): the association goes on. serve used to abort it as an unknown command."""
+    from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind
+
+    ae = AE(ae_title="CANCELLER")
+    ae.add_requested_context(StudyRootQueryRetrieveInformationModelFind)
+    ae.add_requested_context(Verification)
+    assoc = ae.associate("127.0.0.1", server.port, ae_title="PACSCLI")
+    assert assoc.is_established
+    query = pydicom.Dataset()
+    query.QueryRetrieveLevel, query.StudyInstanceUID = "STUDY", ""
+    responses = list(assoc.send_c_find(query, StudyRootQueryRetrieveInformationModelFind, msg_id=7))
+    assert responses[-1][0].Status == 0
+    context_id = next(c.context_id for c in assoc.accepted_contexts
+                      if c.abstract_syntax == StudyRootQueryRetrieveInformationModelFind)
+    assoc.send_c_cancel(7, context_id)
+    status = assoc.send_c_echo()
+    assert status and status.Status == 0 and assoc.is_established
+    assoc.release()
+
+
+def test_a_context_id_proposed_twice_is_refused_and_roles_follow_accepted_contexts(
+        server: Server) -> None:
+    """The second context with ID 1 is refused (it took the first one's place), and a role
+    for a SOP class with no accepted context is not answered (it was echoed back)."""
+    from pacscli.net.pdu import Associate, PresentationContext, decode_ac, encode_rq
+
+    request = Associate("PACSCLI", "RAWPEER", [
+        PresentationContext(1, CTImageStorage, [ExplicitVRLittleEndian]),
+        PresentationContext(1, Verification, ["1.2.840.10008.1.2"]),
+        PresentationContext(3, Verification, ["1.2.840.10008.1.2"]),
+    ], max_pdu=16384, roles={CTImageStorage: (True, True), "1.2.3.4.5": (True, True)})
+    body = encode_rq(request)
+    sock = socket.create_connection(("127.0.0.1", server.port), timeout=10)
+    sock.sendall(struct.pack(">BBI", 0x01, 0, len(body)) + body)
+    pdu_type, answer = read_pdu(sock)
+    sock.close()
+    assert pdu_type == 0x02
+    accept = decode_ac(answer)
+    assert [(c.context_id, c.result) for c in accept.contexts] == [(1, 0), (1, 2), (3, 0)]
+    assert set(accept.roles) == {CTImageStorage}
