@@ -402,3 +402,27 @@ def test_a_context_id_proposed_twice_is_refused_and_roles_follow_accepted_contex
     accept = decode_ac(answer)
     assert [(c.context_id, c.result) for c in accept.contexts] == [(1, 0), (1, 2), (3, 0)]
     assert set(accept.roles) == {CTImageStorage}
+
+
+def test_a_message_split_over_two_contexts_is_aborted(server: Server) -> None:
+    """The command on one presentation context and its dataset on another (PS3.8 9.3.5.1
+    wants one context a message): aborted, nothing stored. It was stored as success."""
+    from pacscli.net.pdu import Associate, PresentationContext, encode_rq
+
+    request = Associate("PACSCLI", "RAWPEER", [
+        PresentationContext(1, CTImageStorage, [ExplicitVRLittleEndian]),
+        PresentationContext(3, CTImageStorage, [ExplicitVRLittleEndian]),
+    ], max_pdu=16384)
+    body = encode_rq(request)
+    sock = socket.create_connection(("127.0.0.1", server.port), timeout=10)
+    sock.sendall(struct.pack(">BBI", 0x01, 0, len(body)) + body)
+    assert read_pdu(sock)[0] == 0x02
+    ds = pydicom.dcmread(testdata("explicit_le"))
+    with open(testdata("explicit_le"), "rb") as fp:
+        seek_dataset(fp)
+        dataset = fp.read()
+    sock.sendall(p_data(1, 0x03, store_command(str(ds.SOPInstanceUID))) + p_data(3, 0x02, dataset))
+    assert read_pdu(sock)[0] == 0x07
+    sock.close()
+    time.sleep(0.3)
+    assert not list(server.archive.rglob("*.dcm"))
