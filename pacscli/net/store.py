@@ -44,7 +44,8 @@ from pacscli.records import Record, failed
 log = logging.getLogger(__name__)
 
 MAX_CONTEXTS = 128  # pynetdicom's limit per association (PS3.8 allows 128 odd context IDs)
-WARNING_STATUSES = frozenset({0x0001, 0xB000, 0xB006, 0xB007})
+# C-STORE warnings (PS3.7 C.4 and 9.1.1.1): the instance was stored.
+WARNING_STATUSES = frozenset({0x0001, 0x0107, 0x0116, 0xB000, 0xB006, 0xB007})
 MEDIA_STORAGE_DIRECTORY = "1.2.840.10008.1.3.10"  # a DICOMDIR: not an instance to send
 IDENTITY = ("StudyInstanceUID", "SeriesInstanceUID", "SOPClassUID", "SOPInstanceUID")
 _IDENTITY_TAGS = tuple(tag_of(kw) for kw in IDENTITY)
@@ -531,8 +532,18 @@ def _send_share(settings: Settings, remote: Remote, instances: Sequence[Instance
             try:
                 while pending and assoc.established and not stop.is_set():
                     instance = pending.pop(0)
-                    yield _send_one(assoc, instance, remote, workdir, errors,
-                                    upcoming=pending[0] if pending else None)
+                    record = _send_one(assoc, instance, remote, workdir, errors,
+                                       upcoming=pending[0] if pending else None)
+                    yield record
+                    error = record.get("error")
+                    if isinstance(error, dict) and error.get("code") == "no-response":
+                        # A peer that stopped answering would cost the DIMSE timeout again
+                        # for each instance left, for hours: they are not sent.
+                        left = [*pending, *(i for b in batches[number + 1:] for i in b)]
+                        gave_up = NetworkError(f"not sent: {remote} stopped answering (no C-STORE "
+                                               "response within the DIMSE timeout)", code="no-response")
+                        yield from (failed(gave_up, **i.record(remote)) for i in left)
+                        return
             except BaseException:  # Ctrl-C, or our reader went away: do not wait on the peer
                 assoc.abort()
                 raise

@@ -469,3 +469,39 @@ def test_datasets_of_many_pdus_and_batches_arrive_as_stored(tmp_path: Path, monk
     assert read_ahead == [False] + [True] * (len(files) - 1)
     arrived = {p.name.removeprefix("CT."): _dataset_bytes(p) for p in out.iterdir()}
     assert arrived == {r["SOPInstanceUID"]: _dataset_bytes(Path(r["path"])) for r in records}
+
+
+def test_a_peer_that_stops_answering_costs_one_timeout(tmp_path: Path) -> None:
+    """A peer that accepts the association, then never answers a C-STORE: the first
+    instance fails on the DIMSE timeout, the rest at once, not sent (each cost the timeout
+    again on a new association: 20 files took 60 s at a 3 s timeout)."""
+    import dataclasses
+    import time
+
+    from pynetdicom import AE, AllStoragePresentationContexts, evt
+
+    def hang(event: Any) -> int:
+        time.sleep(8)
+        return 0x0000
+
+    ae = AE(ae_title="HANG")
+    ae.supported_contexts = AllStoragePresentationContexts
+    port = free_port()
+    server = ae.start_server(("127.0.0.1", port), block=False,
+                             evt_handlers=[(evt.EVT_C_STORE, hang)])
+    settings = _settings(tmp_path)
+    settings = settings.with_changes(network=dataclasses.replace(settings.network, dimse_timeout=1.0))
+    names = ["explicit_le", "implicit_le", "rtdose", "sr", "jpeg_baseline"]
+    started = time.monotonic()
+    records: list[dict[str, Any]] = []
+    try:
+        with pytest.raises(NetworkError) as caught:  # nothing was answered
+            for record in store(settings, parse_remote(f"HANG@127.0.0.1:{port}"),
+                                [{"path": str(testdata(n))} for n in names]):
+                records.append(record)
+        elapsed = time.monotonic() - started
+    finally:
+        server.shutdown()
+    assert caught.value.code == "no-response" and elapsed < 5
+    assert [r["error"]["code"] for r in records] == ["no-response"] * len(names)
+    assert "stopped answering" in records[-1]["error"]["message"]
