@@ -9,7 +9,9 @@ import contextlib
 import csv
 import json
 import logging
+import signal
 import sys
+import threading
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Annotated, Any, NoReturn, TextIO, TypeVar
@@ -67,17 +69,38 @@ def fail(message: str, code: int = ExitCode.USAGE) -> NoReturn:
     raise typer.Exit(code)
 
 
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
+def _stop_pynetdicom() -> None:
+    """Stop pynetdicom's upper-layer threads. They are not daemons: interrupted while one
+    waits on a silent peer (an association request, a release), the process waited for
+    its timeout, 30 s or more, before it could exit."""
+    dul = sys.modules.get("pynetdicom.dul")
+    if dul is None:
+        return
+    for thread in threading.enumerate():
+        if isinstance(thread, dul.DULServiceProvider):
+            thread.kill_dul()
+
+
 def run(body: Callable[[], T], *, read_only: bool = False) -> T:
     """Run a command's body, turning PacsError and Ctrl-C into a message and an exit code.
 
     When the reader of our output goes away (`| head`), a `read_only` command (find, echo)
     exits 0, its reader having had what it wanted; any other stops with what is left undone,
-    so it says so and exits 130 (interrupted), never 0 (all done)."""
+    so it says so and exits 130 (interrupted), never 0 (all done). SIGTERM (a service
+    manager, `timeout`, a CI job cancelled) is taken as Ctrl-C is; a command that handles
+    it itself (serve) installs its own handler in `body`."""
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _interrupt)
     try:
         return body()
     except PacsError as exc:
         fail(exc.message, int(exc.exit_code))
     except KeyboardInterrupt:
+        _stop_pynetdicom()
         typer.echo("pacs: interrupted", err=True)
         raise typer.Exit(ExitCode.INTERRUPTED) from None
     except BrokenPipeError:

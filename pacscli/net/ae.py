@@ -147,6 +147,13 @@ def release(assoc: Association) -> None:
         assoc.release()
 
 
+def abort(assoc: Association) -> None:
+    """Abort an association if it is still up: on Ctrl-C, or when our reader went away, a
+    release would wait up to the ACSE timeout for a peer still busy answering."""
+    if assoc.is_established:
+        assoc.abort()
+
+
 class Watch:
     """Event handlers noting how an association ended: a peer's A-ABORT or a closed connection.
 

@@ -17,7 +17,7 @@ from pynetdicom.presentation import build_context
 from pacscli.config import Remote, Settings
 from pacscli.dicom.query import QR_MODELS, Query, identifier_record
 from pacscli.errors import NetworkError, PacsError, UsageError
-from pacscli.net.ae import Watch, associate, make_ae, release
+from pacscli.net.ae import Watch, abort, associate, make_ae, release
 from pacscli.net.qr import CANCEL, PENDING, failure, lost
 from pacscli.records import Record, failed
 
@@ -99,6 +99,9 @@ def find(settings: Settings, remote: Remote, query: Query, *, limit: int | None 
                 break
             error = failure(status, "C-FIND", remote, code="find-failed")
             break
+    except BaseException:
+        abort(assoc)
+        raise
     finally:
         release(assoc)
     if error is not None:

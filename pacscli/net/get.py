@@ -41,7 +41,7 @@ from pacscli.errors import (
     PeerFailure,
     UsageError,
 )
-from pacscli.net.ae import Watch, associate, make_ae, release
+from pacscli.net.ae import Watch, abort, associate, make_ae, release
 from pacscli.net.qr import (
     PENDING,
     RetrieveRequest,
@@ -336,6 +336,9 @@ def get(settings: Settings, remote: Remote, requests: Iterable[RetrieveRequest |
                 continue
             if record["status"] != "ok":
                 yield {**base, **record, "elapsed_ms": _ms(started)}
+    except BaseException:
+        abort(assoc)
+        raise
     finally:
         release(assoc)
     if refused_by_peer == len(wanted) and last_failure is not None:

@@ -24,7 +24,7 @@ from pacscli.archive.archive import Archive
 from pacscli.config import Remote, Settings
 from pacscli.dicom.query import QR_MODELS, check_level, normalize_model
 from pacscli.errors import NetworkError, PacsError, PeerFailure, UsageError
-from pacscli.net.ae import Watch, associate, make_ae, release
+from pacscli.net.ae import Watch, abort, associate, make_ae, release
 from pacscli.net.qr import (
     PENDING,
     RetrieveRequest,
@@ -191,6 +191,10 @@ def move(settings: Settings, remote: Remote, requests: Iterable[RetrieveRequest 
             if record["failed"] and not record["completed"]:
                 record["error"]["message"] += _reach_hint(remote, dest, receiving)
             yield record
+    except BaseException:
+        if assoc is not None:
+            abort(assoc)
+        raise
     finally:
         if assoc is not None:
             release(assoc)

@@ -3,6 +3,8 @@ studies, and the same queries on the local archive's index (`--archive`)."""
 
 from __future__ import annotations
 
+import os
+import socket
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -12,7 +14,7 @@ from typing import Any
 import pytest
 
 from pacscli.archive.archive import Archive
-from tests.conftest import free_port
+from tests.conftest import free_port, pacs_cmd
 from tests.qr_data import (
     CT1_STUDY,
     HOLMES_SERIES_1,
@@ -265,3 +267,65 @@ def test_find_core_does_not_load_cli_modules() -> None:
     code = ("import sys, pacscli.net.find, pacscli.net.move, pacscli.net.get; "
             "assert not {'typer', 'rich'} & set(sys.modules), sorted(sys.modules)")
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+
+
+def test_ctrl_c_while_the_peer_still_answers_exits_at_once(tmp_path: Path) -> None:
+    """Ctrl-C during a long C-FIND from a peer still busy answering: exit 130 within
+    seconds. The release used to wait the whole ACSE timeout (30 s) for a peer that does
+    not answer it while its handler runs; now the association is aborted."""
+    import signal
+    import time
+
+    from pydicom.dataset import Dataset
+    from pynetdicom import AE, evt
+    from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind
+
+    def slow(event: Any) -> Iterator[tuple[int, Any]]:
+        for number in range(100):
+            match = Dataset()
+            match.QueryRetrieveLevel, match.StudyInstanceUID = "STUDY", f"1.2.3.{number}"
+            time.sleep(0.2)
+            yield 0xFF00, match
+
+    ae = AE(ae_title="SLOW")
+    ae.add_supported_context(StudyRootQueryRetrieveInformationModelFind)
+    port = free_port()
+    server = ae.start_server(("127.0.0.1", port), block=False, evt_handlers=[(evt.EVT_C_FIND, slow)])
+    (tmp_path / "config.toml").write_text("")
+    proc = subprocess.Popen(pacs_cmd("find", f"SLOW@127.0.0.1:{port}", "--format", "jsonl"),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "PACS_CONFIG": str(tmp_path / "config.toml")})
+    try:
+        assert proc.stdout is not None and proc.stdout.readline()  # the answers have begun
+        proc.send_signal(signal.SIGINT)
+        started = time.monotonic()
+        assert proc.wait(30) == 130
+        assert time.monotonic() - started < 5
+    finally:
+        proc.kill()
+        server.shutdown()
+
+
+def test_sigterm_is_an_interruption(tmp_path: Path) -> None:
+    """SIGTERM (a service manager, `timeout`) ends a command as Ctrl-C does: a message and
+    exit 130 (it died at once with status 143 and no word)."""
+    import signal
+
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen()  # accepts the connection, never answers: echo waits
+    port = listener.getsockname()[1]
+    (tmp_path / "config.toml").write_text("")
+    proc = subprocess.Popen(pacs_cmd("echo", f"X@127.0.0.1:{port}"), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "PACS_CONFIG": str(tmp_path / "config.toml")})
+    try:
+        listener.settimeout(30)
+        conn, _ = listener.accept()  # echo is connected and waiting
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=30)
+        assert proc.returncode == 130 and "pacs: interrupted" in err
+        conn.close()
+    finally:
+        proc.kill()
+        listener.close()
