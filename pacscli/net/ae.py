@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import socket
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -91,6 +92,7 @@ def associate(
     handlers = [NODELAY_HANDLER, (evt.EVT_CONN_OPEN, on_conn_open),
                 (evt.EVT_CONN_CLOSE, on_conn_close), (evt.EVT_ACSE_RECV, on_acse_recv),
                 *evt_handlers]
+    started = time.monotonic()
     assoc = ae.associate(
         remote.host,
         remote.port,
@@ -101,8 +103,17 @@ def associate(
         evt_handlers=handlers,
     )
     if assoc.is_established:
+        peer_max = assoc.acceptor.maximum_length
+        if peer_max is not None and 0 < peer_max < _SMALLEST_PDU:
+            assoc.abort()
+            raise NetworkError(f"{remote} accepted the association with a maximum PDU length of "
+                               f"{peer_max} bytes, too small to carry any message (at least "
+                               f"{_SMALLEST_PDU})", code="association-aborted")
         return assoc
-    if assoc.is_rejected:
+    # A rejection seen by the ACSE counts even when pynetdicom did not flag it (it did not,
+    # now and then, and the diagnosis became a timeout that had not happened).
+    rejected = assoc.is_rejected or any(getattr(p, "result", None) in (1, 2) for p in received)
+    if rejected:
         reply = next((p for p in received if hasattr(p, "reason_str")), None)
         detail = (rejection_text(_rejection(reply), ae.ae_title, remote) if reply is not None
                   else "rejected")
@@ -131,8 +142,17 @@ def associate(
                 else "answered the association request with something that is not DICOM")
         raise NetworkError(f"{remote} {what} (is it a DICOM service? TLS expected?)",
                            code="association-aborted")
+    waited = time.monotonic() - started
+    if ae.acse_timeout and waited < 0.9 * ae.acse_timeout:
+        raise NetworkError(f"{remote} ended the association negotiation after {waited:.1f} s "
+                           "without an answer we could read", code="association-aborted")
     raise NetworkError(f"{remote} accepted the TCP connection but did not answer the "
                        f"association request within {ae.acse_timeout:g} s", code="acse-timeout")
+
+
+# A P-DATA PDU of less than this holds no data: its PDV header alone takes 6 bytes, and
+# pynetdicom fails (ValueError, ZeroDivisionError) on a peer's maximum of 1 to 7.
+_SMALLEST_PDU = 8
 
 
 def _rejection(primitive: Any) -> Rejection:

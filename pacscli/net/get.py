@@ -14,6 +14,7 @@ request's failed count.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import queue
@@ -222,7 +223,8 @@ def write_file(out: Path, data: bytes, transfer_syntax: str, source_aet: str | N
             fp.write(data)
         os.replace(temporary, target)
     except OSError as exc:
-        temporary.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):  # --out a file, not a folder: nothing to remove
+            temporary.unlink(missing_ok=True)
         raise OutOfResourcesError(f"cannot write {target}: {exc.strerror or exc}") from exc
     return {
         "PatientID": info.attributes.get("PatientID"),

@@ -292,3 +292,18 @@ def test_echo_core_does_not_load_cli_modules() -> None:
             "assert not {'typer', 'rich'} & set(sys.modules), sorted(sys.modules)")
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
 
+
+
+def test_echo_peer_with_a_tiny_maximum_pdu(tmp_path: Path) -> None:
+    """An A-ASSOCIATE-AC whose maximum PDU length (4) cannot carry a PDV: a plain error,
+    exit 3 (pynetdicom's ValueError came out as a traceback, exit 1)."""
+    import struct
+
+    from pacscli.net.pdu import Associate, PresentationContext, encode_ac
+
+    accept = encode_ac(Associate("X", "PACSCLI", [PresentationContext(1, transfer_syntax=[
+        "1.2.840.10008.1.2"], result=0)], max_pdu=4, implementation_class_uid="1.2.3.4"))
+    port = _raw_peer(struct.pack(">BBI", 0x02, 0, len(accept)) + accept)
+    result = pacs_echo(tmp_path, f"X@127.0.0.1:{port}", "--timeout", "5")
+    assert result.returncode == 3 and "Traceback" not in result.stderr
+    assert "maximum PDU length of 4 bytes, too small" in result.stderr

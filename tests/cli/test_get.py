@@ -226,3 +226,22 @@ def test_get_from_pacs_serve_brings_images_as_stored(tmp_path: Path) -> None:
     sent = {pydicom.dcmread(testdata(n)).SOPInstanceUID:
             pydicom.dcmread(testdata(n)).file_meta.TransferSyntaxUID for n in names}
     assert got == sent
+
+
+def test_get_into_an_out_that_is_a_file(tmp_path: Path) -> None:
+    """--out naming a file: each instance fails with a plain record (the cleanup of its
+    temporary name raised NotADirectoryError: a traceback per instance)."""
+    archive = Archive(tmp_path / "served")
+    archive.put(testdata("explicit_le"))
+    archive.close()
+    study = str(pydicom.dcmread(testdata("explicit_le")).StudyInstanceUID)
+    (tmp_path / "a-file").write_text("not a folder")
+    server = start_server(tmp_path / "serve", archive=tmp_path / "served")
+    try:
+        result = run_pacs(tmp_path, "get", f"PACSCLI@127.0.0.1:{server.port}",
+                          "--out", str(tmp_path / "a-file"), "--study", study)
+    finally:
+        server.stop()
+    assert "Traceback" not in result.stderr and result.returncode != 0
+    [record] = [r for r in records(result) if r.get("SOPInstanceUID")]
+    assert record["status"] == "failed" and "cannot write" in record["error"]["message"]
