@@ -759,8 +759,11 @@ class AssociationServer:
         syntax the requestor lists that we support: the archive keeps what the modality
         encoded, not a conversion made for us."""
         results = []
+        seen: set[int] = set()
         for rq in requested:
-            if rq.context_id % 2 == 0 or rq.context_id in assoc.contexts:
+            duplicate = rq.context_id in seen
+            seen.add(rq.context_id)
+            if rq.context_id % 2 == 0 or duplicate:
                 # An ID must be odd and name one context (PS3.8 9.3.2.2): a second one
                 # would silently take the first one's place.
                 log.warning("%s proposed presentation context ID %d twice or even: refused",
