@@ -30,7 +30,7 @@ from pynetdicom.presentation import PresentationContext, build_context, build_ro
 
 from pacscli.archive.archive import Archive
 from pacscli.config import Remote, Settings
-from pacscli.dicom.identity import read_received_info
+from pacscli.dicom.identity import read_received_info, seek_dataset
 from pacscli.dicom.part10 import part10_header
 from pacscli.dicom.query import QR_MODELS, check_level, normalize_model
 from pacscli.errors import (
@@ -216,8 +216,24 @@ def write_file(out: Path, data: bytes, transfer_syntax: str, source_aet: str | N
     header = part10_header(sop_class_uid=info.sop_class_uid, sop_instance_uid=info.sop_uid,
                            transfer_syntax=transfer_syntax, source_aet=source_aet)
     temporary = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+    record: Record = {
+        "PatientID": info.attributes.get("PatientID"),
+        "StudyInstanceUID": info.study_uid, "SeriesInstanceUID": info.series_uid,
+        "SOPInstanceUID": info.sop_uid, "SOPClassUID": info.sop_class_uid,
+        "TransferSyntaxUID": transfer_syntax, "path": str(target),
+        "size": len(header) + len(data), "status": "ok",
+    }
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
+        if target.exists():  # a file of this instance already there: never overwritten
+            with open(target, "rb") as fp:
+                seek_dataset(fp)
+                same = fp.read() == bytes(data)
+            if same:
+                return {**record, "outcome": "duplicate"}
+            return {**record, "outcome": "kept", "status": "warning",
+                    "warning": "a file with this SOP Instance UID but another dataset is "
+                               "already there; kept it, the one received was not written"}
         with open(temporary, "wb") as fp:
             fp.write(header)
             fp.write(data)
@@ -226,13 +242,11 @@ def write_file(out: Path, data: bytes, transfer_syntax: str, source_aet: str | N
         with contextlib.suppress(OSError):  # --out a file, not a folder: nothing to remove
             temporary.unlink(missing_ok=True)
         raise OutOfResourcesError(f"cannot write {target}: {exc.strerror or exc}") from exc
-    return {
-        "PatientID": info.attributes.get("PatientID"),
-        "StudyInstanceUID": info.study_uid, "SeriesInstanceUID": info.series_uid,
-        "SOPInstanceUID": info.sop_uid, "SOPClassUID": info.sop_class_uid,
-        "TransferSyntaxUID": transfer_syntax, "path": str(target),
-        "size": len(header) + len(data), "status": "ok",
-    }
+    except InvalidDicomError:  # what is there is not a Part 10 file: left as it is
+        return {**record, "outcome": "kept", "status": "warning",
+                "warning": "a file that is not DICOM has this instance's name; kept it, the "
+                           "one received was not written"}
+    return record
 
 
 def get(settings: Settings, remote: Remote, requests: Iterable[RetrieveRequest | Record], *,

@@ -245,3 +245,33 @@ def test_get_into_an_out_that_is_a_file(tmp_path: Path) -> None:
     assert "Traceback" not in result.stderr and result.returncode != 0
     [record] = [r for r in records(result) if r.get("SOPInstanceUID")]
     assert record["status"] == "failed" and "cannot write" in record["error"]["message"]
+
+
+def test_get_never_overwrites_a_file_under_out(tmp_path: Path) -> None:
+    """A second get into the same --out: the same dataset is a duplicate; a different one
+    under the same name is kept, with a warning (it was overwritten in silence)."""
+    archive = Archive(tmp_path / "served")
+    archive.put(testdata("explicit_le"))
+    archive.close()
+    study = str(pydicom.dcmread(testdata("explicit_le")).StudyInstanceUID)
+    server = start_server(tmp_path / "serve", archive=tmp_path / "served")
+    out = tmp_path / "out"
+    try:
+        first = run_pacs(tmp_path, "get", f"PACSCLI@127.0.0.1:{server.port}", "--out", str(out),
+                         "--study", study)
+        assert first.returncode == 0, first.stderr
+        [path] = list(out.rglob("*.dcm"))
+        again = run_pacs(tmp_path, "get", f"PACSCLI@127.0.0.1:{server.port}", "--out", str(out),
+                         "--study", study)
+        edited = bytearray(path.read_bytes())
+        edited[-1] ^= 0xFF
+        path.write_bytes(bytes(edited))
+        third = run_pacs(tmp_path, "get", f"PACSCLI@127.0.0.1:{server.port}", "--out", str(out),
+                         "--study", study)
+    finally:
+        server.stop()
+    [record] = [r for r in records(again) if r.get("SOPInstanceUID")]
+    assert again.returncode == 0 and record["outcome"] == "duplicate"
+    [record] = [r for r in records(third) if r.get("SOPInstanceUID")]
+    assert record["outcome"] == "kept" and record["status"] == "warning"
+    assert path.read_bytes() == bytes(edited)
