@@ -554,8 +554,12 @@ def files_for_record(index: Index, record: Mapping[str, Any]) -> list[Path]:
     its `record_level`. Raises as record_level does, and PacsError (code not-in-archive)
     when the archive holds none of what it names."""
     level = record_level(record)
-    items = instances_for_retrieve(index, level, record,
-                                   model="patient" if level == "PATIENT" else "study")
+    try:
+        items = instances_for_retrieve(index, level, record,
+                                       model="patient" if level == "PATIENT" else "study")
+    except sqlite3.OperationalError as exc:  # a UID list longer than SQLite takes, say
+        raise PacsError(f"cannot look it up in the archive's index: {exc}",
+                        code="lookup-failed") from exc
     if not items:
         raise PacsError(f"the archive {index.path.parent} has no instance of this "
                         f"{level.lower()}", code="not-in-archive")

@@ -284,6 +284,10 @@ def collect(records: Iterable[Record], resolve: Resolver | None = None,
 def _instances(files: Iterable[Path]) -> Iterator[Instance | Record]:
     """Each file as an Instance to send, or as the record of why it will not be sent."""
     for file in files:
+        if not file.exists() and not file.is_symlink():  # an archived file gone missing
+            yield failed(InvalidDicomError(f"{file}: no such file", code="not-found"),
+                         path=str(file))
+            continue
         if not file.is_file():  # never opened: reading a FIFO would wait forever
             yield {"path": str(file), "status": "skipped", "reason": _not_a_file(file)}
             continue
@@ -584,6 +588,8 @@ def _rounds(records: Iterator[Record]) -> Iterator[list[Record]]:
                 ended = True
                 break
             if isinstance(item, BaseException):
+                if batch:  # the records before the bad one are sent and reported first
+                    yield batch
                 raise item
             batch.append(item)  # type: ignore[arg-type]
             if len(batch) >= ROUND_MAX:

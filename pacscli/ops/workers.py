@@ -11,6 +11,7 @@ from __future__ import annotations
 import multiprocessing
 import multiprocessing.util
 import os
+import signal
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
@@ -35,6 +36,9 @@ def _close(state: Any) -> None:
 
 def _init(factory: Callable[[], Any], method: str) -> None:
     global _state, _method
+    # Forked from a command whose SIGTERM means "interrupted" (cli.common.run): a worker
+    # the pool terminates just ends, without a KeyboardInterrupt traceback of its own.
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
     _state = factory()
     _method = getattr(_state, method)
     multiprocessing.util.Finalize(_state, _close, args=(_state,), exitpriority=10)

@@ -207,3 +207,25 @@ def test_a_path_holding_a_nul_fails_as_a_record(tmp_path: Path) -> None:
     assert "Traceback" not in result.stderr and result.returncode == 1
     [record] = lines(result)
     assert record["error"]["code"] == "bad-path"  # type: ignore[index]
+
+
+def test_sigterm_to_a_parallel_index_prints_no_worker_traceback(tmp_path: Path) -> None:
+    """`timeout` (SIGTERM) stops `pacs index -j 2`: exit 130 and one line, no traceback
+    from each worker (they inherited the handler that turns SIGTERM into Ctrl-C)."""
+    import signal
+    import time
+
+    src = tmp_path / "src"
+    for n in range(1500):
+        write_instance(src / f"{n}.dcm", number=n, rows=4)
+    archive = tmp_path / "archive"
+    proc = subprocess.Popen(pacs_cmd("index", "--archive", str(archive), "-j", "2", str(src)),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    while not list((archive / "studies").glob("*/*/*")) and time.monotonic() < deadline:
+        time.sleep(0.05)  # until the workers are at work
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    if proc.returncode == 0:
+        pytest.skip("the index finished before the signal")
+    assert proc.returncode == 130 and "Traceback" not in err, err

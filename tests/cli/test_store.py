@@ -561,3 +561,50 @@ def test_records_are_sent_as_they_come(tmp_path: Path, storescp: Storescp) -> No
     finally:
         proc.kill()
     assert len(list(out.iterdir())) == 2
+
+
+def test_an_archived_file_gone_missing_fails(tmp_path: Path, storescp: Storescp) -> None:
+    """A record resolved in the archive to a file since deleted: failed, not-found, exit 1
+    (it was skipped as "a FIFO, socket or device", and the run exited 0)."""
+    from pacscli.archive.archive import Archive
+
+    remote, _ = storescp()
+    archive = Archive(tmp_path / "archive")
+    kept = archive.put(testdata("explicit_le"))
+    archive.close()
+    kept.path.unlink()
+    record = {"QueryRetrieveLevel": "IMAGE", "StudyInstanceUID": kept.info.study_uid,
+              "SeriesInstanceUID": kept.info.series_uid, "SOPInstanceUID": kept.info.sop_uid}
+    result = pacs_store(tmp_path, remote, "--archive", str(tmp_path / "archive"),
+                        stdin=json.dumps(record) + "\n")
+    assert result.returncode == 1
+    [failure] = records(result)
+    assert failure["status"] == "failed" and failure["error"]["code"] == "not-found"
+
+
+def test_records_before_a_bad_line_are_sent(tmp_path: Path, storescp: Storescp) -> None:
+    """A line that is not JSON in the middle of stdin stops the run (exit 2), but the
+    records before it are sent and reported whatever the timing (those read in the same
+    round as the bad line were dropped)."""
+    remote, out = storescp()
+    good = [json.dumps({"path": str(testdata(name))}) for name in ("explicit_le", "implicit_le")]
+    result = pacs_store(tmp_path, remote, stdin="\n".join([*good, "{not json", good[0]]) + "\n")
+    assert result.returncode == 2 and "line 3" in result.stderr
+    assert [r["status"] for r in records(result)] == ["ok", "ok"]
+    assert len(list(out.iterdir())) == 2
+
+
+def test_a_uid_list_too_long_for_the_index_fails_its_record_only(tmp_path: Path) -> None:
+    """A record whose UID list is longer than SQLite takes in one query: that record fails,
+    with the reason (the whole run stopped, blaming a damaged index)."""
+    from pacscli.archive.archive import Archive
+
+    archive = Archive(tmp_path / "archive")
+    archive.put(testdata("explicit_le"))
+    archive.close()
+    huge = {"SOPInstanceUID": [f"1.2.{n}" for n in range(260_000)]}
+    result = pacs_store(tmp_path, f"X@127.0.0.1:{free_port()}", "--archive", str(tmp_path / "archive"),
+                        stdin=json.dumps(huge) + "\n")
+    assert "Traceback" not in result.stderr and "damaged" not in result.stderr
+    [record] = records(result)
+    assert record["error"]["code"] == "lookup-failed" and result.returncode == 1
