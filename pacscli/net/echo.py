@@ -17,7 +17,7 @@ from pynetdicom.status import VERIFICATION_SERVICE_CLASS_STATUS
 
 from pacscli.config import Remote, Settings
 from pacscli.errors import NetworkError, PacsError, PeerFailure, UsageError
-from pacscli.net.ae import Watch, associate, make_ae, release
+from pacscli.net.ae import Watch, abort, associate, make_ae, release
 from pacscli.records import Record, failed
 
 log = logging.getLogger(__name__)
@@ -107,8 +107,15 @@ def echo(settings: Settings, remote: Remote, *, count: int = 1,
                                     f"0x{status.Status:04X} ({meaning})", code="echo-failed")
                 break
             yield dict(record)
+    except BaseException:
+        abort(assoc)  # Ctrl-C: the peer's answer to a release is not waited for
+        raise
     finally:
         release(assoc)
     if error is not None:
+        if count > 1:  # how far it got, for a link that drops part-way
+            answered = int(record["echo"] or 1) - 1
+            error = type(error)(f"{error.message} ({answered} of {count} echoes succeeded before)",
+                                code=error.code)
         yield failed(error, **record)
         raise error

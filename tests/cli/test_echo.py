@@ -270,6 +270,7 @@ def test_echo_peer_aborts_between_echoes(tmp_path: Path, echo_scp: Callable[...,
     assert result.returncode == 3
     assert "the peer aborted the association" in result.stderr
     assert "before echo 2" in result.stderr
+    assert "(1 of 2 echoes succeeded before)" in result.stderr  # how far a dropping link got
     assert [r["status"] for r in records(result)] == ["ok", "failed"]
 
 
@@ -280,6 +281,7 @@ def test_echo_failure_status(tmp_path: Path, echo_scp: Callable[..., int]) -> No
     result = pacs_echo(tmp_path, f"PEER@127.0.0.1:{port}", "--count", "3")
     assert result.returncode == 4
     assert "failure status 0x0122 (Refused: SOP Class Not Supported)" in result.stderr
+    assert "(0 of 3 echoes succeeded before)" in result.stderr
     [record] = records(result)  # stops at the first failure
     assert record["status"] == "failed" and record["dimse_status"] == 0x0122
     assert record["error"]["code"] == "echo-failed"
