@@ -180,7 +180,8 @@ def move(settings: Settings, remote: Remote, requests: Iterable[RetrieveRequest 
                 yield failed(exc, **base, dimse_status=exc.dimse_status, elapsed_ms=_ms(started))
                 continue
             except NetworkError as exc:
-                yield failed(exc, **base, elapsed_ms=_ms(started))
+                so_far = exc.counts if isinstance(exc, _Lost) else {}
+                yield failed(exc, **base, **so_far, elapsed_ms=_ms(started))
                 raise
             except PacsError as exc:
                 yield failed(exc, **base, elapsed_ms=_ms(started))
@@ -221,7 +222,7 @@ def _one_move(assoc: Any, request: RetrieveRequest, sop_class: str, dest: str, r
     final: Any = None
     for status, response in assoc.send_c_move(identifier, dest, sop_class, msg_id=msg_id):
         if "Status" not in status:
-            raise lost(watch, remote, "C-MOVE", started, timeout)
+            raise _Lost(lost(watch, remote, "C-MOVE", started, timeout), counts)
         found = {k: v for k, v in sub_operations(status).items() if v is not None}
         counts.update(found)
         if int(status.Status) in PENDING:
@@ -234,5 +235,14 @@ def _one_move(assoc: Any, request: RetrieveRequest, sop_class: str, dest: str, r
         failed_list = failed_instances(response)
         break
     if final is None:
-        raise lost(watch, remote, "C-MOVE", started, timeout)
+        raise _Lost(lost(watch, remote, "C-MOVE", started, timeout), counts)
     return outcome(final, counts, failed_list, remote, "C-MOVE")
+
+
+class _Lost(NetworkError):
+    """The association ended before a C-MOVE's final response, with the sub-operation
+    counts its pending responses had reported (the record keeps them)."""
+
+    def __init__(self, error: NetworkError, counts: dict[str, int | None]) -> None:
+        super().__init__(error.message, code=error.code)
+        self.counts = {k: v for k, v in counts.items() if k != "remaining"}

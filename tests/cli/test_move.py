@@ -235,3 +235,45 @@ def test_slow_input_outlives_the_association(peers: Peers, storescp: StoreSCP,
     assert result.returncode == 0, result.stderr
     assert [r["completed"] for r in records(result)] == [1, 1]
     assert storescp.received() == sop_uids_of_studies(peers.files, [CT1_STUDY, MR1_STUDY])
+
+
+def test_a_move_cut_short_keeps_the_counts_reported(tmp_path: Path) -> None:
+    """The peer moves two instances, then aborts: the failed record keeps completed = 2 (it
+    carried no counts at all)."""
+    from typing import Any
+
+    import pydicom
+    from pynetdicom import AE, evt
+    from pynetdicom.sop_class import CTImageStorage, StudyRootQueryRetrieveInformationModelMove
+
+    from tests.conftest import testdata
+
+    dest = StoreSCP(tmp_path / "dest", free_port()).start()
+    instances = []
+    for number in (1, 2, 3):
+        ds = pydicom.dcmread(testdata("explicit_le"))
+        ds.SOPInstanceUID = f"1.2.826.0.1.3680043.2.1125.93.{number}"
+        instances.append(ds)
+
+    def handler(event: Any) -> Iterator[Any]:
+        yield "127.0.0.1", dest.port
+        yield 3
+        for ds in instances[:2]:
+            yield 0xFF00, ds
+        event.assoc.abort()  # gone before the third and the final response
+        yield 0xFF00, instances[2]
+
+    ae = AE(ae_title="CUT")
+    ae.add_supported_context(StudyRootQueryRetrieveInformationModelMove)
+    ae.add_requested_context(CTImageStorage)
+    port = free_port()
+    server = ae.start_server(("127.0.0.1", port), block=False, evt_handlers=[(evt.EVT_C_MOVE, handler)])
+    try:
+        result = run_pacs(tmp_path, "move", f"CUT@127.0.0.1:{port}", "--dest", "STORESCP",
+                          "--study", "1.2.3")
+    finally:
+        server.shutdown()
+        dest.stop()
+    assert result.returncode == 3, result.stderr
+    [record] = records(result)
+    assert record["status"] == "failed" and record.get("completed") == 2, record
