@@ -549,11 +549,10 @@ def record_level(record: Mapping[str, Any]) -> str:
     return level
 
 
-def files_for_record(index: Index, record: Mapping[str, Any]) -> list[Path]:
+def files_for_record(index: Index, record: Mapping[str, Any], level: str) -> list[Path]:
     """The archived files of what a record names by its UIDs (a `pacs find` record, say), at
-    its `record_level`. Raises as record_level does, and PacsError (code not-in-archive)
-    when the archive holds none of what it names."""
-    level = record_level(record)
+    `level` (its `record_level`). Raises PacsError (code not-in-archive) when the archive
+    holds none of what it names."""
     try:
         items = instances_for_retrieve(index, level, record,
                                        model="patient" if level == "PATIENT" else "study")

@@ -74,10 +74,10 @@ def store(
             nonlocal index
             from pacscli.archive.query import files_for_record, open_index, record_level
 
-            record_level(record)  # a record without UIDs fails as such, archive or none
+            level = record_level(record)  # a record without UIDs fails as such, archive or none
             if index is None:
                 index = open_index(settings.archive)
-            return files_for_record(index, record)
+            return files_for_record(index, record, level)
 
         try:
             out.emit_all(send(settings, target, input_records(paths), jobs=jobs,

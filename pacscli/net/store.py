@@ -16,6 +16,7 @@ import logging
 import os
 import queue
 import shutil
+import stat
 import tempfile
 import threading
 import uuid
@@ -229,13 +230,6 @@ def _files(path: Path) -> list[Path]:
     return [path]
 
 
-def _not_a_file(path: Path) -> str:
-    """Why an entry that is not a regular file is skipped."""
-    if path.is_symlink() and not path.exists():
-        return "a symbolic link to nothing"
-    return "not a regular file (a FIFO, socket or device)"
-
-
 # Finds the archived files of a record without a path, by its UIDs (`pacs store --archive`):
 # raises PacsError when it cannot.
 Resolver = Callable[[Record], list[Path]]
@@ -284,12 +278,18 @@ def collect(records: Iterable[Record], resolve: Resolver | None = None,
 def _instances(files: Iterable[Path]) -> Iterator[Instance | Record]:
     """Each file as an Instance to send, or as the record of why it will not be sent."""
     for file in files:
-        if not file.exists() and not file.is_symlink():  # an archived file gone missing
-            yield failed(InvalidDicomError(f"{file}: no such file", code="not-found"),
-                         path=str(file))
+        try:
+            mode = file.stat().st_mode
+        except FileNotFoundError:
+            if file.is_symlink():
+                yield {"path": str(file), "status": "skipped", "reason": "a symbolic link to nothing"}
+            else:  # an archived file gone missing
+                yield failed(InvalidDicomError(f"{file}: no such file", code="not-found"),
+                             path=str(file))
             continue
-        if not file.is_file():  # never opened: reading a FIFO would wait forever
-            yield {"path": str(file), "status": "skipped", "reason": _not_a_file(file)}
+        if not stat.S_ISREG(mode):  # never opened: reading a FIFO would wait forever
+            yield {"path": str(file), "status": "skipped",
+                   "reason": "not a regular file (a FIFO, socket or device)"}
             continue
         try:
             instance = scan(file)
