@@ -339,7 +339,7 @@ class Archive:
         'keep' keeps (kept). A row whose file is gone settles nothing."""
         if not self.abspath(existing.path).exists():
             return existing, None
-        if _same_dataset(self.abspath(existing.path), source, source_offset):
+        if same_dataset(self.abspath(existing.path), source, source_offset):
             outcome = "duplicate"
         elif self.storage.on_conflict == "keep":
             outcome = "kept"
@@ -601,7 +601,7 @@ def _check_whole(dataset: BytesLike | Path, transfer_syntax: str) -> None:
         scan_dataset(memoryview(dataset).cast("B"), 0, transfer_syntax)
 
 
-def _same_dataset(archived: Path, source: BytesLike | Path, source_offset: int) -> bool:
+def same_dataset(archived: Path, source: BytesLike | Path, source_offset: int = 0) -> bool:
     """True when the archive file `archived` holds the dataset of `source` (bytes, or a file
     from `source_offset`) byte for byte; False too when it cannot be read."""
     try:

@@ -28,9 +28,9 @@ from pydicom.uid import AllTransferSyntaxes, ExplicitVRLittleEndian, ImplicitVRL
 from pynetdicom import evt
 from pynetdicom.presentation import PresentationContext, build_context, build_role
 
-from pacscli.archive.archive import Archive
+from pacscli.archive.archive import Archive, same_dataset
 from pacscli.config import Remote, Settings
-from pacscli.dicom.identity import read_received_info, seek_dataset
+from pacscli.dicom.identity import read_received_info
 from pacscli.dicom.part10 import part10_header
 from pacscli.dicom.query import QR_MODELS, check_level, normalize_model
 from pacscli.errors import (
@@ -226,14 +226,12 @@ def write_file(out: Path, data: bytes, transfer_syntax: str, source_aet: str | N
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
         if target.exists():  # a file of this instance already there: never overwritten
-            with open(target, "rb") as fp:
-                seek_dataset(fp)
-                same = fp.read() == bytes(data)
-            if same:
+            if same_dataset(target, data):
                 return {**record, "outcome": "duplicate"}
             return {**record, "outcome": "kept", "status": "warning",
-                    "warning": "a file with this SOP Instance UID but another dataset is "
-                               "already there; kept it, the one received was not written"}
+                    "warning": "a file with this instance's name but another content (another "
+                               "dataset, or not DICOM) is already there; kept it, the one "
+                               "received was not written"}
         with open(temporary, "wb") as fp:
             fp.write(header)
             fp.write(data)
@@ -242,10 +240,6 @@ def write_file(out: Path, data: bytes, transfer_syntax: str, source_aet: str | N
         with contextlib.suppress(OSError):  # --out a file, not a folder: nothing to remove
             temporary.unlink(missing_ok=True)
         raise OutOfResourcesError(f"cannot write {target}: {exc.strerror or exc}") from exc
-    except InvalidDicomError:  # what is there is not a Part 10 file: left as it is
-        return {**record, "outcome": "kept", "status": "warning",
-                "warning": "a file that is not DICOM has this instance's name; kept it, the "
-                           "one received was not written"}
     return record
 
 
