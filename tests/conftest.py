@@ -168,3 +168,41 @@ PresentationContext1 = CTImageStorage\\Uncompressed
 [CTOnly]
 PresentationContexts = CTOnly
 """
+
+
+def bad_peer(*, rejection: bytes | None = None, command: bytes | None = None) -> int:
+    """A peer on a free port, for one connection, that answers the association request with
+    the A-ASSOCIATE-RJ body `rejection` (result, source, reason as 4 bytes), or accepts every
+    context in Implicit VR Little Endian and answers the first P-DATA with one PDV holding the
+    command set `command`; then it holds the connection for 5 s. Gives its port."""
+    import struct
+    import threading
+
+    from pacscli.net.pdu import Associate, PresentationContext, decode_rq, encode_ac
+
+    listener = socket.create_server(("127.0.0.1", 0))
+
+    def read(conn: socket.socket) -> bytes:
+        header = conn.recv(6, socket.MSG_WAITALL)
+        return conn.recv(struct.unpack(">I", header[2:])[0], socket.MSG_WAITALL)
+
+    def serve() -> None:
+        with listener, listener.accept()[0] as conn:
+            conn.settimeout(10)
+            request = decode_rq(read(conn))
+            if rejection is not None:
+                conn.sendall(struct.pack(">BBI", 0x03, 0, len(rejection)) + rejection)
+            else:
+                contexts = [PresentationContext(c.context_id, transfer_syntax=["1.2.840.10008.1.2"],
+                                                result=0) for c in request.contexts]
+                accept = encode_ac(Associate(request.called_ae_title, request.calling_ae_title,
+                                             contexts, max_pdu=65536,
+                                             implementation_class_uid="1.2.3.4"))
+                conn.sendall(struct.pack(">BBI", 0x02, 0, len(accept)) + accept)
+                context_id = read(conn)[4]
+                pdv = struct.pack(">IBB", len(command or b"") + 2, context_id, 0x03) + (command or b"")
+                conn.sendall(struct.pack(">BBI", 0x04, 0, len(pdv)) + pdv)
+            time.sleep(5)
+
+    threading.Thread(target=serve, daemon=True).start()
+    return int(listener.getsockname()[1])

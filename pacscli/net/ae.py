@@ -16,6 +16,7 @@ from pacscli import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
 from pacscli.config import Remote, Settings
 from pacscli.errors import NetworkError
 from pacscli.net.diagnose import diagnose_connection, rejection_text
+from pacscli.net.dimse import CommandError, decode_command
 from pacscli.net.pdu import Rejection
 
 log = logging.getLogger(__name__)
@@ -85,13 +86,26 @@ def associate(
 
     def on_conn_open(event: evt.Event) -> None:
         connected.append(True)
+        # pynetdicom's own PDU logger is bound first, and it raises on a reserved value in an
+        # A-ASSOCIATE-RJ, which skips the handlers after it: ours goes before it.
+        assoc = event.assoc
+        for handler, args in list(assoc.get_handlers(evt.EVT_PDU_RECV)):
+            if handler is not on_pdu_recv:
+                assoc.unbind(evt.EVT_PDU_RECV, handler)
+                assoc.bind(evt.EVT_PDU_RECV, handler, args)
 
     def on_conn_close(event: evt.Event) -> None:
         happened.append("closed")
 
+    rejections: list[Rejection] = []
+
+    def on_pdu_recv(event: evt.Event) -> None:
+        if type(event.pdu).__name__ == "A_ASSOCIATE_RJ":
+            rejections.append(_kept_rejection(event.pdu))
+
     handlers = [NODELAY_HANDLER, (evt.EVT_CONN_OPEN, on_conn_open),
                 (evt.EVT_CONN_CLOSE, on_conn_close), (evt.EVT_ACSE_RECV, on_acse_recv),
-                *evt_handlers]
+                (evt.EVT_PDU_RECV, on_pdu_recv), *evt_handlers]
     started = time.monotonic()
     assoc = ae.associate(
         remote.host,
@@ -112,10 +126,13 @@ def associate(
         return assoc
     # A rejection seen by the ACSE counts even when pynetdicom did not flag it (it did not,
     # now and then, and the diagnosis became a timeout that had not happened).
-    rejected = assoc.is_rejected or any(getattr(p, "result", None) in (1, 2) for p in received)
+    rejected = assoc.is_rejected or bool(rejections) or \
+        any(getattr(p, "result", None) in (1, 2) for p in received)
     if rejected:
         reply = next((p for p in received if hasattr(p, "reason_str")), None)
-        detail = (rejection_text(_rejection(reply), ae.ae_title, remote) if reply is not None
+        rejection = rejections[0] if rejections else \
+            _rejection(reply) if reply is not None else None
+        detail = (rejection_text(rejection, ae.ae_title, remote) if rejection is not None
                   else "rejected")
         raise NetworkError(f"association rejected by {remote}: {detail}",
                            code="association-rejected")
@@ -155,6 +172,28 @@ def associate(
 _SMALLEST_PDU = 8
 
 
+# What pynetdicom's A-ASSOCIATE primitive takes: any other value in an A-ASSOCIATE-RJ
+# (a reserved reason, say) raised ValueError in its reactor thread, which died with a
+# traceback, and the rejection was reported as an ACSE timeout 30 s later.
+_RJ_RESULTS = (1, 2)
+_RJ_SOURCES = (1, 2, 3)
+_RJ_REASONS = (1, 2, 3, 7)
+
+
+def _kept_rejection(pdu: Any) -> Rejection:
+    """The result, source and reason of a received A-ASSOCIATE-RJ PDU, as sent; values
+    pynetdicom would refuse are then replaced in the PDU (by 1: 'rejected permanent', 'service
+    user', 'no reason given'), so that it takes the rejection as one at once."""
+    sent = Rejection(int(pdu.result or 0), int(pdu.source or 0), int(pdu.reason_diagnostic or 0))
+    if sent.result not in _RJ_RESULTS:
+        pdu.result = 1
+    if sent.source not in _RJ_SOURCES:
+        pdu.source = 1
+    if sent.reason not in _RJ_REASONS:
+        pdu.reason_diagnostic = 1
+    return sent
+
+
 def _rejection(primitive: Any) -> Rejection:
     """The result, source and reason of pynetdicom's A-ASSOCIATE primitive for a rejection."""
     return Rejection(int(primitive.result or 0), int(primitive.result_source or 0),
@@ -183,20 +222,53 @@ class Watch:
     def __init__(self) -> None:
         self.abort: Any = None
         self.closed = False
+        self.malformed: str | None = None  # why a command set the peer sent cannot be decoded
+        self._command = bytearray()  # command fragments so far
 
     def handlers(self) -> list[Handler]:
         """The (event, handler) pairs to pass to associate()."""
         return [(evt.EVT_PDU_RECV, self._on_pdu), (evt.EVT_CONN_CLOSE, self._on_close)]
 
     def _on_pdu(self, event: evt.Event) -> None:
-        if type(event.pdu).__name__ == "A_ABORT_RQ":
+        kind = type(event.pdu).__name__
+        if kind == "A_ABORT_RQ":
             self.abort = event.pdu
+        elif kind == "P_DATA_TF" and self.malformed is None:
+            self._check_commands(event)
+
+    def _check_commands(self, event: evt.Event) -> None:
+        """Decode each command set as its last fragment arrives. One that cannot be decoded
+        killed pynetdicom's reactor thread (a traceback), and the request then waited out
+        the DIMSE timeout: such a PDU is emptied before pynetdicom reads it, and the
+        request ends without a response."""
+        for item in event.pdu.presentation_data_value_items:
+            data = item.presentation_data_value or b""
+            if not data or not data[0] & 0x01:  # a dataset fragment
+                continue
+            self._command += data[1:]
+            if data[0] & 0x02:
+                command, self._command = bytes(self._command), bytearray()
+                try:
+                    decode_command(command)
+                except CommandError as exc:
+                    self.malformed = str(exc)
+                    event.pdu.presentation_data_value_items = []
+                    # What pynetdicom itself queues when the association goes: the request
+                    # waiting for its response comes back without one now, not at the DIMSE
+                    # timeout, and pynetdicom aborts the association. (An abort from here
+                    # would wake its reactor, which could take the item first.)
+                    event.assoc.dimse.msg_queue.put((None, None))
+                    return
 
     def _on_close(self, event: evt.Event) -> None:
         self.closed = True
 
     def why_ended(self) -> tuple[str, str] | None:
-        """(code, words) when the peer aborted or closed the connection, else None."""
+        """(code, words) when the peer sent a command set that cannot be decoded, aborted or
+        closed the connection, else None."""
+        if self.malformed is not None:
+            return "invalid-response", (f"the peer sent a command set that cannot be decoded "
+                                        f"({self.malformed}); the association was aborted")
         if self.abort is not None:
             source, reason = self.abort.source_str, self.abort.reason_str
             detail = "" if reason == "(no value available)" else f", reason: {reason}"

@@ -40,6 +40,8 @@ def _ms(start: float) -> float:
 
 def _no_response(watch: Watch, waited_ms: float, timeout: float) -> tuple[str, str]:
     """Why send_c_echo came back without a status."""
+    if watch.malformed is not None:
+        return watch.why_ended() or ("invalid-response", "the peer sent an invalid C-ECHO response")
     if watch.abort is None and waited_ms >= timeout * 1000 * 0.95:
         return "dimse-timeout", (f"no C-ECHO response within {timeout:g} s (DIMSE timeout); "
                                  "the association was aborted")

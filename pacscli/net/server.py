@@ -74,6 +74,10 @@ class AssociationClosed(Exception):
     """The peer closed the connection, aborted, or broke the protocol."""
 
 
+class ProtocolBroken(AssociationClosed):
+    """The peer broke the protocol (a bad command set, a PDV out of place): we aborted."""
+
+
 @dataclass(frozen=True)
 class Context:
     """An accepted presentation context."""
@@ -541,9 +545,9 @@ class Association:
         self._message_id = self._message_id % 0xFFFF + 1
         return self._message_id
 
-    def _protocol_error(self, message: str) -> AssociationClosed:
+    def _protocol_error(self, message: str) -> ProtocolBroken:
         self.abort(ABORT_INVALID_PARAMETER)
-        return AssociationClosed(message)
+        return ProtocolBroken(message)
 
     def __str__(self) -> str:
         return f"{self.calling_aet or '?'}@{self.address[0]}:{self.address[1]}"

@@ -39,7 +39,7 @@ from pacscli.dicom.uids import (
 from pacscli.errors import InvalidDicomError, NetworkError, PacsError, UsageError
 from pacscli.net.client import ClientAssociation, request_association
 from pacscli.net.pdu import PresentationContext
-from pacscli.net.server import AssociationClosed, Context, DatasetFile
+from pacscli.net.server import AssociationClosed, Context, DatasetFile, ProtocolBroken
 from pacscli.records import Record, failed
 
 log = logging.getLogger(__name__)
@@ -489,6 +489,11 @@ def _send_one(assoc: ClientAssociation, instance: Instance, remote: Remote, work
         assoc.abort()
         error = NetworkError(f"no C-STORE response from {remote} within {assoc.dimse_timeout:g} s",
                              code="no-response")
+        errors.append(error)
+        return failed(error, **base, **fields)
+    except ProtocolBroken as exc:  # we aborted
+        error = NetworkError(f"{remote} broke the DICOM protocol while this instance was sent "
+                             f"({exc}); the association was aborted", code="invalid-response")
         errors.append(error)
         return failed(error, **base, **fields)
     except (AssociationClosed, OSError) as exc:

@@ -19,6 +19,7 @@ from tests.conftest import (
     CT_ONLY_PROFILE,
     DCMTK_ENV,
     Server,
+    bad_peer,
     free_port,
     pacs_cmd,
     require,
@@ -309,3 +310,32 @@ def test_echo_peer_with_a_tiny_maximum_pdu(tmp_path: Path) -> None:
     result = pacs_echo(tmp_path, f"X@127.0.0.1:{port}", "--timeout", "5")
     assert result.returncode == 3 and "Traceback" not in result.stderr
     assert "maximum PDU length of 4 bytes, too small" in result.stderr
+
+
+@pytest.mark.parametrize("rejection, says", [
+    (bytes([0, 1, 1, 5]), "rejected permanent by the service user: reason 5 (reserved)"),
+    (bytes([0, 2, 4, 1]), "rejected transient by the source 4 (not defined)"),
+])
+def test_echo_rejection_with_a_reserved_value(tmp_path: Path, rejection: bytes, says: str) -> None:
+    """A rejection whose source or reason PS3.8 leaves reserved is still a rejection, decoded
+    as sent (pynetdicom's thread died on it with a traceback, and the echo waited out the
+    ACSE timeout to call it one)."""
+    port = bad_peer(rejection=rejection)
+    result = pacs_echo(tmp_path, f"X@127.0.0.1:{port}", "--timeout", "20")
+    assert result.returncode == 3 and "Traceback" not in result.stderr, result.stderr
+    assert says in result.stderr
+    [record] = records(result)
+    assert record["error"]["code"] == "association-rejected"
+
+
+def test_echo_response_that_cannot_be_decoded(tmp_path: Path) -> None:
+    """A C-ECHO answered with a command set that runs past its end: said so, the association
+    aborted (pynetdicom's thread died with a traceback, and the echo waited out the DIMSE
+    timeout to blame a timeout)."""
+    port = bad_peer(command=b"\x00\x00\x00\x00\x04\x00\x00\x00\x02\x00")
+    result = pacs_echo(tmp_path, f"X@127.0.0.1:{port}", "--timeout", "20")
+    assert result.returncode == 3 and "Traceback" not in result.stderr, result.stderr
+    assert "the peer sent a command set that cannot be decoded (command set element runs past " \
+        "the end); the association was aborted" in result.stderr
+    [record] = records(result)
+    assert record["error"]["code"] == "invalid-response" and record["rtt_ms"] < 10_000

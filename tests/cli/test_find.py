@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 
 from pacscli.archive.archive import Archive
-from tests.conftest import free_port, pacs_cmd
+from tests.conftest import bad_peer, free_port, pacs_cmd
 from tests.qr_data import (
     CT1_STUDY,
     HOLMES_SERIES_1,
@@ -230,6 +230,19 @@ def test_a_silent_peer_is_a_dimse_timeout(tmp_path: Path) -> None:
     assert result.returncode == 3
     assert "no C-FIND response from SLOW@127.0.0.1" in result.stderr and "DIMSE timeout" in result.stderr
     assert records(result)[-1]["error"]["code"] == "dimse-timeout"
+
+
+def test_a_response_that_cannot_be_decoded(tmp_path: Path) -> None:
+    """A C-FIND answered with a command set without a Command Field: said so at once, no
+    traceback (pynetdicom's thread died, and find waited out the DIMSE timeout)."""
+    (tmp_path / "config.toml").write_text("[network]\ndimse_timeout = 20\n")
+    # Status 0x0000 alone: a well-formed element, but no Command Field.
+    port = bad_peer(command=b"\x00\x00\x00\x09\x02\x00\x00\x00\x00\x00")
+    result = run_pacs(tmp_path, "find", f"BAD@127.0.0.1:{port}", "-k", "PatientID=X")
+    assert result.returncode == 3 and "Traceback" not in result.stderr, result.stderr
+    assert "the peer sent a command set that cannot be decoded (command set without a " \
+        "Command Field); the association was aborted during C-FIND" in result.stderr
+    assert records(result)[-1]["error"]["code"] == "invalid-response"
 
 
 def test_connection_refused_exits_3(tmp_path: Path) -> None:

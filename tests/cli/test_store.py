@@ -29,6 +29,7 @@ from tests.conftest import (
     CT_ONLY_PROFILE,
     DCMTK_ENV,
     TESTDATA,
+    bad_peer,
     free_port,
     pacs_cmd,
     require,
@@ -608,3 +609,18 @@ def test_a_uid_list_too_long_for_the_index_fails_its_record_only(tmp_path: Path)
     assert "Traceback" not in result.stderr and "damaged" not in result.stderr
     [record] = records(result)
     assert record["error"]["code"] == "lookup-failed" and result.returncode == 1
+
+
+def test_store_peer_answering_with_an_undecodable_command(tmp_path: Path) -> None:
+    """A C-STORE answered with a command set that runs past its end: we abort and say the peer
+    broke the protocol (it was put as the peer aborting). The next instance goes on a new
+    association, which this peer never answers."""
+    port = bad_peer(command=b"\x00\x00\x00\x00\x04\x00\x00\x00\x02\x00")
+    files = [str(testdata("explicit_le")), str(testdata("implicit_le"))]
+    result = pacs_store(tmp_path, f"BAD@127.0.0.1:{port}", *files)
+    # 3, as for a peer that aborts: the association, not the instances, failed.
+    assert result.returncode == 3 and "Traceback" not in result.stderr, result.stderr
+    assert "broke the DICOM protocol while this instance was sent (bad command set: command " \
+        "set element runs past the end); the association was aborted" in result.stderr
+    first, second = records(result)
+    assert first["error"]["code"] == "invalid-response" and second["status"] == "failed"
