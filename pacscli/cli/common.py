@@ -42,6 +42,9 @@ FormatOpt = Annotated[
                  show_default=False),
 ]
 VerboseOpt = Annotated[int, typer.Option("--verbose", "-v", count=True, help="More logging on stderr")]
+DicomJsonOpt = Annotated[bool, typer.Option(
+    "--dicom-json", help="Add to each record its PS3.18 DICOM JSON model under `dicom` (a "
+                         "file's dataset without its pixel data; a match's own values)")]
 QuietOpt = Annotated[bool, typer.Option(
     "--quiet", "-q", help="No summary on stderr when all went well (exit 0): quiet in cron")]
 
@@ -151,7 +154,7 @@ class Output:
     FORMATS = ("table", "jsonl", "json", "csv")
 
     def __init__(self, fmt: str | None, columns: list[str], stream: TextIO | None = None,
-                 live: bool = False) -> None:
+                 live: bool = False, dicom_json: bool = False) -> None:
         self.stream = stream or sys.stdout
         if fmt is None:
             fmt = "table" if self.stream.isatty() else "jsonl"
@@ -160,6 +163,7 @@ class Output:
         self.format = fmt
         self.columns = columns
         self.live = live  # a table printed row by row (for long-running commands like serve)
+        self.dicom_json = dicom_json  # add each record's DICOM JSON model under `dicom`
         self.rows: list[Record] = []
         self.counts: dict[str, int] = {}
         self._csv: Any = None
@@ -168,6 +172,10 @@ class Output:
         """Render one record now (jsonl, csv, live table) or keep it for the end."""
         status = str(record.get("status", "ok"))
         self.counts[status] = self.counts.get(status, 0) + 1
+        if self.dicom_json:
+            from pacscli.dicom.json_model import with_dicom_json
+
+            record = with_dicom_json(record)
         if self.format == "jsonl":
             self.stream.write(to_json_line(record) + "\n")
             self.stream.flush()

@@ -11,6 +11,7 @@ from pacscli.cli.common import (
     AetOpt,
     ArchiveOpt,
     ConfigOpt,
+    DicomJsonOpt,
     FormatOpt,
     Output,
     VerboseOpt,
@@ -59,6 +60,7 @@ def find(
     aet: AetOpt = None,
     config: ConfigOpt = None,
     fmt: FormatOpt = None,
+    dicom_json: DicomJsonOpt = False,
     verbose: VerboseOpt = 0,
 ) -> None:
     """Query a remote (C-FIND) or the archive's index: one record per match.
@@ -80,7 +82,7 @@ def find(
         if remote is not None and archive is not None:
             raise UsageError("give REMOTE or --archive, not both")
         query = build_query(level, keys or [], model=model, defaults=not no_defaults)
-        out = Output(fmt, list(query.order))
+        out = Output(fmt, list(query.order), dicom_json=dicom_json)
         if out.format == "table":
             shown = [] if no_defaults else TABLE_COLUMNS[query.level]
             defaults = () if no_defaults else DEFAULT_KEYS[query.model][query.level]

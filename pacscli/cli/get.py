@@ -11,6 +11,7 @@ from pacscli.cli.common import (
     AetOpt,
     ArchiveOpt,
     ConfigOpt,
+    DicomJsonOpt,
     FormatOpt,
     Output,
     VerboseOpt,
@@ -53,6 +54,7 @@ def get(
     aet: AetOpt = None,
     config: ConfigOpt = None,
     fmt: FormatOpt = None,
+    dicom_json: DicomJsonOpt = False,
     verbose: VerboseOpt = 0,
 ) -> None:
     """C-GET from a remote into the archive (indexed) or --out DIR, for stdin records (their
@@ -77,7 +79,7 @@ def get(
         inputs = list(requests(patient, study, series, instance, level, model, stdin))
         if not inputs:
             raise UsageError("no input records: nothing to get")
-        out = Output(fmt, COLUMNS)
+        out = Output(fmt, COLUMNS, dicom_json=dicom_json)
         if out.format == "table":
             out.columns = TABLE_COLUMNS
         store = None

@@ -9,6 +9,7 @@ import typer
 from pacscli.cli.common import (
     ArchiveOpt,
     ConfigOpt,
+    DicomJsonOpt,
     FormatOpt,
     Output,
     QuietOpt,
@@ -43,6 +44,7 @@ def index(
     archive: ArchiveOpt = None,
     config: ConfigOpt = None,
     fmt: FormatOpt = None,
+    dicom_json: DicomJsonOpt = False,
     verbose: VerboseOpt = 0,
     quiet: QuietOpt = False,
 ) -> None:
@@ -69,7 +71,7 @@ def index(
         quiet_pydicom(verbose)
         settings = get_settings(config, archive, None)
         workers = jobs or default_jobs()
-        out = Output(fmt, COLUMNS)
+        out = Output(fmt, COLUMNS, dicom_json=dicom_json)
         tally = IndexTally()
         progress, close_bar = progress_bar()
         try:

@@ -16,6 +16,7 @@ from pacscli.cli.common import (
     AetOpt,
     ArchiveOpt,
     ConfigOpt,
+    DicomJsonOpt,
     FormatOpt,
     Output,
     VerboseOpt,
@@ -45,6 +46,7 @@ def serve(
     aet: AetOpt = None,
     config: ConfigOpt = None,
     fmt: FormatOpt = None,
+    dicom_json: DicomJsonOpt = False,
     verbose: VerboseOpt = 0,
 ) -> None:
     """Receive and serve DICOM: C-ECHO, C-STORE of every storage class and transfer syntax,
@@ -80,7 +82,7 @@ def serve(
             storage = dataclasses.replace(storage, on_conflict=on_conflict)  # type: ignore[arg-type]
         settings = settings.with_changes(serve=serve_settings, storage=storage)
 
-        out = Output(fmt, COLUMNS, live=True)
+        out = Output(fmt, COLUMNS, live=True, dicom_json=dicom_json)
         lock = threading.Lock()
         output_gone = False
 

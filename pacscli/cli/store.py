@@ -11,6 +11,7 @@ from pacscli.cli.common import (
     AetOpt,
     ArchiveOpt,
     ConfigOpt,
+    DicomJsonOpt,
     FormatOpt,
     Output,
     VerboseOpt,
@@ -44,6 +45,7 @@ def store(
     aet: AetOpt = None,
     config: ConfigOpt = None,
     fmt: FormatOpt = None,
+    dicom_json: DicomJsonOpt = False,
     verbose: VerboseOpt = 0,
 ) -> None:
     """C-STORE DICOM files to a remote: one result record per file.
@@ -63,7 +65,7 @@ def store(
 
         settings = get_settings(config, archive, aet)
         target = settings.remote(remote)
-        out = Output(fmt, COLUMNS)
+        out = Output(fmt, COLUMNS, dicom_json=dicom_json)
         if out.format == "table":
             out.columns = TABLE_COLUMNS
         progress, close_bar = progress_bar()

@@ -205,6 +205,20 @@ def test_peer_failure_status_exits_4(failing_scp: int, tmp_path: Path) -> None:
     assert last["status"] == "failed" and last["error"]["code"] == "find-failed"
 
 
+@pytest.mark.parametrize("local", [False, True])
+def test_dicom_json_model_of_each_match(peer: tuple[Dcmqrscp, Path], tmp_path: Path,
+                                        local: bool) -> None:
+    """`--dicom-json`: each match also as PS3.18 JSON, from a remote and from the archive."""
+    result = find(peer, tmp_path, "--level", "study", "-k", "PatientID=1CT1", "--dicom-json",
+                  local=local)
+    [match] = records(result)
+    model = match["dicom"]
+    assert model["0020000D"] == {"vr": "UI", "Value": [CT1_STUDY]}
+    assert model["00100010"] == {"vr": "PN", "Value": [{"Alphabetic": "CompressedSamples^CT1"}]}
+    assert model["00080052"] == {"vr": "CS", "Value": ["STUDY"]}
+    assert model["00080020"] == {"vr": "DA", "Value": ["20040119"]}
+
+
 def test_a_silent_peer_is_a_dimse_timeout(tmp_path: Path) -> None:
     """A peer that takes longer than [network] dimse_timeout to answer: the association is
     aborted on our side, and the message says so (it used to blame the peer for closing)."""

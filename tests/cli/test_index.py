@@ -77,6 +77,21 @@ def test_records_and_the_exit_code_rule(tmp_path: Path) -> None:
         ["not-found"]
 
 
+def test_dicom_json(tmp_path: Path) -> None:
+    """`--dicom-json`: each instance's record carries its dataset as PS3.18 JSON, pixel data
+    left out; a file that is not DICOM is skipped without one."""
+    text = tmp_path / "notes.txt"
+    text.write_text("not DICOM")
+    source = testdata("explicit_le")
+    result = pacs(tmp_path, "index", "--archive", str(tmp_path / "archive"), "--dicom-json",
+                  str(source), str(text))
+    assert result.returncode == 0, result.stderr
+    stored, skipped = sorted(lines(result), key=lambda r: str(r["status"]))
+    expected = pydicom.dcmread(source, stop_before_pixels=True).to_json_dict()
+    assert stored["status"] == "ok" and stored["dicom"] == expected
+    assert skipped["status"] == "skipped" and "dicom" not in skipped
+
+
 def test_paths_and_records_from_stdin(tmp_path: Path) -> None:
     files = [write_instance(tmp_path / "src" / f"{n}.dcm", number=n) for n in range(2)]
     archive = str(tmp_path / "archive")

@@ -140,6 +140,20 @@ def test_received_file_keeps_the_dataset_bytes(server: Server) -> None:
     assert size == stored_path.stat().st_size
 
 
+def test_dicom_json_adds_each_received_datasets_model(tmp_path: Path) -> None:
+    """`serve --dicom-json`: each record carries its archived file's dataset, as PS3.18 JSON."""
+    from pacscli.dicom.json_model import file_json
+
+    srv = start_server(tmp_path / "serve", "--dicom-json")
+    try:
+        assert dcmsend(srv, testdata("explicit_le")).returncode == 0
+    finally:
+        srv.stop()
+    [record] = records(srv)
+    assert record["dicom"] == file_json(Path(str(record["path"])))
+    assert record["dicom"]["00080018"]["Value"] == [record["SOPInstanceUID"]]  # type: ignore[index]
+
+
 def _dataset_offset(path: Path) -> int:
     from pacscli.dicom.identity import read_file_meta
 
