@@ -6,17 +6,19 @@ from __future__ import annotations
 import logging
 import socket
 import time
+import warnings
 from collections.abc import Sequence
+from io import BytesIO
 from typing import Any
 
 from pynetdicom import AE, Association, evt
+from pynetdicom.dsutils import decode
 from pynetdicom.presentation import PresentationContext
 
 from pacscli import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
 from pacscli.config import Remote, Settings
 from pacscli.errors import NetworkError
 from pacscli.net.diagnose import diagnose_connection, rejection_text
-from pacscli.net.dimse import CommandError, decode_command
 from pacscli.net.pdu import Rejection
 
 log = logging.getLogger(__name__)
@@ -213,6 +215,35 @@ def abort(assoc: Association) -> None:
         assoc.abort()
 
 
+# The DIMSE command fields pynetdicom knows (PS3.7 E.1): C-STORE, C-GET, C-FIND, C-MOVE,
+# C-ECHO, N-EVENT-REPORT, N-GET, N-SET, N-ACTION, N-CREATE and N-DELETE requests and
+# responses, and C-CANCEL.
+_REQUEST_FIELDS = (0x0001, 0x0010, 0x0020, 0x0021, 0x0030,
+                   0x0100, 0x0110, 0x0120, 0x0130, 0x0140, 0x0150)
+_COMMAND_FIELDS = frozenset([*_REQUEST_FIELDS, *(f | 0x8000 for f in _REQUEST_FIELDS), 0x0FFF])
+
+
+def _command_problem(command: bytes) -> str | None:
+    """Why pynetdicom could not take this command set in, or None when it can: the same
+    decoding it does (tolerant of what real peers send, such as trailing padding or an empty
+    count), every value read, and the two elements it needs."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            dataset = decode(BytesIO(command), True, True)
+            for element in dataset:  # pydicom reads values lazily: a broken one raises here
+                _ = element.value
+    except Exception as exc:  # what pydicom raises on bytes it cannot read varies
+        first = str(exc).split(". ")[0]  # pydicom's messages run on with advice for its users
+        return f"{type(exc).__name__}: {first}" if first else type(exc).__name__
+    field = dataset.get("CommandField")
+    if field not in _COMMAND_FIELDS:
+        return "no Command Field" if field is None else f"unknown Command Field 0x{field:04X}"
+    if dataset.get("CommandDataSetType") is None:
+        return "no Command Data Set Type"
+    return None
+
+
 class Watch:
     """Event handlers noting how an association ended: a peer's A-ABORT or a closed connection.
 
@@ -227,7 +258,14 @@ class Watch:
 
     def handlers(self) -> list[Handler]:
         """The (event, handler) pairs to pass to associate()."""
-        return [(evt.EVT_PDU_RECV, self._on_pdu), (evt.EVT_CONN_CLOSE, self._on_close)]
+        return [(evt.EVT_CONN_OPEN, self._on_open), (evt.EVT_PDU_RECV, self._on_pdu),
+                (evt.EVT_CONN_CLOSE, self._on_close)]
+
+    def _on_open(self, event: evt.Event) -> None:
+        # A new association (move opens another when one ended): what ended the last one
+        # is not this one's story.
+        self.abort, self.closed, self.malformed = None, False, None
+        self._command.clear()
 
     def _on_pdu(self, event: evt.Event) -> None:
         kind = type(event.pdu).__name__
@@ -248,10 +286,9 @@ class Watch:
             self._command += data[1:]
             if data[0] & 0x02:
                 command, self._command = bytes(self._command), bytearray()
-                try:
-                    decode_command(command)
-                except CommandError as exc:
-                    self.malformed = str(exc)
+                problem = _command_problem(command)
+                if problem is not None:
+                    self.malformed = problem
                     event.pdu.presentation_data_value_items = []
                     # What pynetdicom itself queues when the association goes: the request
                     # waiting for its response comes back without one now, not at the DIMSE

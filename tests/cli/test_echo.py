@@ -329,13 +329,31 @@ def test_echo_rejection_with_a_reserved_value(tmp_path: Path, rejection: bytes, 
 
 
 def test_echo_response_that_cannot_be_decoded(tmp_path: Path) -> None:
-    """A C-ECHO answered with a command set that runs past its end: said so, the association
-    aborted (pynetdicom's thread died with a traceback, and the echo waited out the DIMSE
-    timeout to blame a timeout)."""
-    port = bad_peer(command=b"\x00\x00\x00\x00\x04\x00\x00\x00\x02\x00")
+    """A C-ECHO answered with a command set of an unknown Command Field: said so, the
+    association aborted (pynetdicom's thread died with a traceback, and the echo waited out
+    the DIMSE timeout to blame a timeout)."""
+    from pacscli.net.dimse import encode_command
+
+    port = bad_peer(command=encode_command(CommandField=0x9999, CommandDataSetType=0x0101))
     result = pacs_echo(tmp_path, f"X@127.0.0.1:{port}", "--timeout", "20")
     assert result.returncode == 3 and "Traceback" not in result.stderr, result.stderr
-    assert "the peer sent a command set that cannot be decoded (command set element runs past " \
-        "the end); the association was aborted" in result.stderr
+    assert "the peer sent a command set that cannot be decoded (unknown Command Field 0x9999); " \
+        "the association was aborted" in result.stderr
     [record] = records(result)
     assert record["error"]["code"] == "invalid-response" and record["rtt_ms"] < 10_000
+
+
+def test_echo_response_with_padding_and_an_empty_element(tmp_path: Path) -> None:
+    """What pynetdicom takes in, such as trailing padding and an empty count, is no reason to
+    abort (the check of command sets once refused both)."""
+    import struct
+
+    from pacscli.net.dimse import encode_command
+
+    response = encode_command(CommandField=0x8030, AffectedSOPClassUID=VERIFICATION,
+                              MessageIDBeingRespondedTo=1, CommandDataSetType=0x0101, Status=0)
+    empty_count = struct.pack("<HHI", 0x0000, 0x1020, 0)  # Number of Remaining Sub-operations
+    port = bad_peer(command=response + empty_count + b"\x00\x00")
+    result = pacs_echo(tmp_path, f"X@127.0.0.1:{port}", "--timeout", "20")
+    assert result.returncode == 0, result.stderr
+    assert records(result)[0]["status"] == "ok"

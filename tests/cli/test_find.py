@@ -254,8 +254,8 @@ def test_a_response_that_cannot_be_decoded(tmp_path: Path) -> None:
     port = bad_peer(command=b"\x00\x00\x00\x09\x02\x00\x00\x00\x00\x00")
     result = run_pacs(tmp_path, "find", f"BAD@127.0.0.1:{port}", "-k", "PatientID=X")
     assert result.returncode == 3 and "Traceback" not in result.stderr, result.stderr
-    assert "the peer sent a command set that cannot be decoded (command set without a " \
-        "Command Field); the association was aborted during C-FIND" in result.stderr
+    assert "the peer sent a command set that cannot be decoded (no Command Field); the " \
+        "association was aborted during C-FIND" in result.stderr
     assert records(result)[-1]["error"]["code"] == "invalid-response"
 
 
