@@ -7,6 +7,7 @@ snake_case (`path`, `status`, `error`). `status` is one of ok|warning|pending|fa
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Iterable, Iterator
 from typing import Any, Literal, TextIO
 
@@ -20,6 +21,8 @@ def element_value(value: Any) -> Any:
     """A pydicom element value as plain JSON: strings, numbers, or a list of them."""
     if value is None:
         return None
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)  # a DS of "NaN": JSON has no number for it
     if isinstance(value, str | int | float | bool):
         return value
     if isinstance(value, bytes):

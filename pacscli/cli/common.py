@@ -172,7 +172,7 @@ class Output:
         """Render one record now (jsonl, csv, live table) or keep it for the end."""
         status = str(record.get("status", "ok"))
         self.counts[status] = self.counts.get(status, 0) + 1
-        if self.dicom_json:
+        if self.dicom_json and self.format in ("jsonl", "json"):  # no column for it elsewhere
             from pacscli.dicom.json_model import with_dicom_json
 
             record = with_dicom_json(record)

@@ -7,7 +7,7 @@ from pathlib import Path
 import pydicom
 import pytest
 
-from pacscli.dicom.json_model import file_json, record_json, with_dicom_json
+from pacscli.dicom.json_model import dataset_json, file_json, record_json, with_dicom_json
 from tests.conftest import testdata
 
 
@@ -41,12 +41,48 @@ def test_a_record_gives_its_own_values_with_dictionary_vrs() -> None:
     assert list(model) == sorted(model)  # in tag order, as in a file
 
 
-def test_which_records_get_a_model(tmp_path: Path) -> None:
+def test_which_records_get_a_model() -> None:
     assert "dicom" not in with_dicom_json({"path": "x", "status": "failed"})
-    text = tmp_path / "notes.txt"
-    text.write_text("not DICOM")
-    skipped = {"path": str(text), "status": "skipped"}
-    assert with_dicom_json(skipped) == skipped  # not DICOM, and said so already
+    skipped = {"path": str(testdata("explicit_le")), "status": "skipped"}
+    assert with_dicom_json(skipped) == skipped  # not an instance for the command: no model
+
+
+def test_values_json_cannot_hold_are_left_out_not_the_rest(caplog: pytest.LogCaptureFixture) -> None:
+    """An IS of "abc", a NaN, a bad value deep in a sequence: each is left out with a warning
+    (they raised, or gave invalid JSON), and everything around it is kept."""
+    import json
+    import struct
+    from io import BytesIO
+
+    from pydicom.filereader import read_dataset
+
+    def element(group: int, number: int, value: bytes) -> bytes:  # Implicit VR Little Endian
+        return struct.pack("<HHI", group, number, len(value)) + value
+
+    undefined = struct.pack("<HHI", 0x0008, 0x1250, 0xFFFFFFFF)  # a sequence, then an item
+    item = struct.pack("<HHI", 0xFFFE, 0xE000, 0xFFFFFFFF) + element(0x0008, 0x1150, b"1.2.3\x00") \
+        + element(0x0018, 0x1063, b"x1.2") + struct.pack("<HHI", 0xFFFE, 0xE00D, 0)
+    raw = undefined + item + struct.pack("<HHI", 0xFFFE, 0xE0DD, 0) \
+        + element(0x0010, 0x0020, b"P1") + element(0x0018, 0x9087, struct.pack("<d", float("nan")))
+    model = dataset_json(read_dataset(BytesIO(raw), True, True))
+    assert model["00081250"] == {"vr": "SQ", "Value": [
+        {"00081150": {"vr": "UI", "Value": ["1.2.3"]}}]}
+    assert "00189087" not in model and model["00100020"] == {"vr": "LO", "Value": ["P1"]}
+    json.loads(json.dumps(model, allow_nan=False))
+    assert "left out" in caplog.text
+
+    from_record = record_json({"InstanceNumber": "abc", "PatientWeight": "NaN", "PatientID": "P1"})
+    assert from_record == {"00100020": {"vr": "LO", "Value": ["P1"]}}
+
+
+def test_a_damaged_file_falls_back_to_the_record(tmp_path: Path) -> None:
+    """A deflated file whose stream is garbage raised zlib.error through the command."""
+    damaged = tmp_path / "damaged.dcm"
+    data = bytearray(testdata("deflated").read_bytes())
+    data[400:] = bytes(len(data) - 400)  # past the file meta: the deflate stream is gone
+    damaged.write_bytes(bytes(data))
+    record = with_dicom_json({"path": str(damaged), "status": "ok", "PatientID": "P1"})
+    assert record["dicom"] == {"00100020": {"vr": "LO", "Value": ["P1"]}}
 
 
 def test_a_file_gone_falls_back_to_the_record(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
