@@ -21,10 +21,18 @@ The config file (``--config``, else ``PACS_CONFIG``, else the per-user config fo
     max_pdu = 1048576
     connect_timeout = 10
 
+    [tls]                         # DICOM over TLS (PS3.15 B.9, BCP 195)
+    cert = "/etc/pacs/pacs.crt"   # our certificate: serve's, and the one peers may ask of us
+    key = "/etc/pacs/pacs.key"
+    ca = "/etc/pacs/ca.pem"       # the CAs that sign peers' certificates (default: the system's)
+    verify_peer = true            # check peers' certificates (serve: require one of each client)
+    check_hostname = false        # also match the peer's host name to its certificate
+
     [remotes.ORTHANC]
     ae_title = "ORTHANC"
     host = "10.0.0.5"
     port = 4242
+    tls = false                   # true: every association with it over TLS
     permissions = ["find", "move"]  # what it may ask of `pacs serve` (default: all)
 """
 
@@ -60,6 +68,7 @@ class Remote:
     host: str
     port: int
     name: str | None = None
+    tls: bool = False  # associations with it go over TLS
     # What this AE may ask of `pacs serve` as a calling AE (Q/R access control).
     permissions: frozenset[str] = frozenset({"find", "move", "get"})
 
@@ -91,6 +100,19 @@ class ServeSettings:
     # May a calling AE that is not among [remotes] query and retrieve? Remotes have
     # their own `permissions`.
     qr_from_unknown: bool = True
+    tls: bool = False  # accept TLS connections only (with [tls] cert and key)
+
+
+@dataclass(frozen=True)
+class TlsSettings:
+    """Our side of DICOM over TLS: certificate, key, trusted CAs and how peers are checked.
+    Empty paths are unset; an unset `ca` trusts the system's CAs."""
+
+    cert: str = ""
+    key: str = ""
+    ca: str = ""
+    verify_peer: bool = True
+    check_hostname: bool = False
 
 
 @dataclass(frozen=True)
@@ -112,17 +134,18 @@ class Settings:
     serve: ServeSettings = ServeSettings()
     storage: StorageSettings = StorageSettings()
     network: NetworkSettings = NetworkSettings()
+    tls: TlsSettings = TlsSettings()
 
     def with_changes(self, **changes: Any) -> Settings:
         """A copy with some fields replaced."""
         return replace(self, **changes)
 
-    def remote(self, spec: str) -> Remote:
-        """Resolve `AET@HOST:PORT` or a configured remote's name."""
-        if spec in self.remotes:
-            return self.remotes[spec]
-        if "@" in spec:
-            return parse_remote(spec)
+    def remote(self, spec: str, *, tls: bool = False) -> Remote:
+        """Resolve `AET@HOST:PORT` or a configured remote's name; `tls` asks for TLS with it
+        whatever its config says."""
+        if spec in self.remotes or "@" in spec:
+            remote = self.remotes[spec] if spec in self.remotes else parse_remote(spec)
+            return replace(remote, tls=True) if tls else remote
         known = ", ".join(sorted(self.remotes)) or "none configured"
         raise UsageError(
             f"unknown remote {spec!r}: give AET@HOST:PORT or a name from [remotes] "
@@ -235,7 +258,7 @@ def _build(cls: Any, values: dict[str, Any], section: str) -> Any:
     return cls(**values)
 
 
-_TOP_LEVEL = frozenset({"ae_title", "archive", "remotes", "serve", "storage", "network"})
+_TOP_LEVEL = frozenset({"ae_title", "archive", "remotes", "serve", "storage", "network", "tls"})
 _REMOTE_KEYS = frozenset({"ae_title", "host", "port", "tls", "permissions"})
 
 
@@ -251,10 +274,6 @@ def _remote(name: str, table: Any) -> Remote:
         if key in table and (not isinstance(table[key], kind)
                              or (kind is int and isinstance(table[key], bool))):
             raise ConfigError(f"{where} {key} has the wrong type: {table[key]!r}")
-    if table.get("tls", False):
-        # Better no association than one in the clear that the config says is encrypted.
-        raise ConfigError(f"{where} tls = true: pacscli cannot speak DICOM over TLS yet; remove "
-                          "the setting and reach this peer through a TLS tunnel (stunnel, a VPN)")
     host, aet, port = table["host"], table["ae_title"], table["port"]
     try:
         remote = parse_remote(f"{aet}@[{host}]:{port}" if ":" in host else f"{aet}@{host}:{port}", name)
@@ -263,7 +282,7 @@ def _remote(name: str, table: Any) -> Remote:
     permissions = table.get("permissions", ["find", "move", "get"])
     if not isinstance(permissions, list) or not set(permissions) <= QR_PERMISSIONS:
         raise ConfigError(f"{where} permissions must be a list drawn from {sorted(QR_PERMISSIONS)}")
-    return replace(remote, permissions=frozenset(permissions))
+    return replace(remote, permissions=frozenset(permissions), tls=table.get("tls", False))
 
 
 def load_settings(
@@ -318,4 +337,5 @@ def load_settings(
         serve=_build(ServeSettings, _section(data, "serve"), "serve"),
         storage=storage,
         network=_build(NetworkSettings, _section(data, "network"), "network"),
+        tls=_build(TlsSettings, _section(data, "tls"), "tls"),
     )

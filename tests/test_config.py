@@ -49,7 +49,9 @@ def test_a_full_config_loads(tmp_path: Path) -> None:
     ('aetitle = "ME"\n', "unknown setting(s) in the config file"),
     ('ae_title = 5\n', "ae_title in the config file must be a string"),
     ('archive = 5\n', "archive in the config file must be a string"),
-    (REMOTE + 'tls = true\n', "cannot speak DICOM over TLS"),
+    (REMOTE + 'tls = "yes"\n', "tls has the wrong type"),
+    ('[tls]\nverify_peer = "no"\n', "[tls] verify_peer must be true or false"),
+    ('[tls]\ncertificate = "x.pem"\n', "unknown setting(s) in [tls]: certificate"),
     (REMOTE + 'tsl = false\n', "unknown setting(s) in [remotes.A]: tsl"),
     ('[remotes.A]\nae_title = ["X"]\nhost = "h"\nport = 1\n', "ae_title has the wrong type"),
     ('[remotes.A]\nae_title = "X"\nhost = "h"\nport = "104"\n', "port has the wrong type"),
@@ -61,11 +63,20 @@ def test_a_wrong_setting_is_a_config_error(tmp_path: Path, text: str, says: str)
     assert says in raised.value.message
 
 
-def test_a_remote_asking_for_tls_is_refused_not_reached_in_the_clear(tmp_path: Path) -> None:
+def test_tls_settings(tmp_path: Path) -> None:
+    settings = load(tmp_path, REMOTE + 'tls = true\n[tls]\ncert = "~/c.pem"\nverify_peer = false\n')
+    assert settings.remotes["A"].tls and settings.tls.cert == "~/c.pem"
+    assert not settings.tls.verify_peer and not settings.tls.check_hostname
+    assert settings.remote("X@h:104", tls=True).tls and not settings.remote("X@h:104").tls
+
+
+def test_a_tls_file_that_cannot_be_loaded_is_a_config_error(tmp_path: Path) -> None:
+    """Not a traceback, nor an association in the clear."""
     config = tmp_path / "config.toml"
-    config.write_text(REMOTE + "tls = true\n")
+    config.write_text(REMOTE + f'tls = true\n[tls]\nca = "{tmp_path / "none.pem"}"\n')
     result = subprocess.run(pacs_cmd("echo", "A"), capture_output=True, text=True, timeout=60,
                             stdin=subprocess.DEVNULL, env={**os.environ, "PACS_CONFIG": str(config)})
     assert result.returncode == 2
-    assert "pacs: error:" in result.stderr and "TLS" in result.stderr
+    assert "cannot load the CA certificates of [tls] ca" in result.stderr
+    assert "No such file or directory" in result.stderr
     assert "Traceback" not in result.stderr and result.stdout == ""

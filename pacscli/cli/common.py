@@ -42,6 +42,9 @@ FormatOpt = Annotated[
                  show_default=False),
 ]
 VerboseOpt = Annotated[int, typer.Option("--verbose", "-v", count=True, help="More logging on stderr")]
+TlsOpt = Annotated[bool, typer.Option(
+    "--tls", help="DICOM over TLS, with the config's [tls] certificate, key and CAs (a remote "
+                  "can also say tls = true)")]
 DicomJsonOpt = Annotated[bool, typer.Option(
     "--dicom-json", help="Add to each record its PS3.18 DICOM JSON model under `dicom` (a "
                          "file's dataset without its pixel data; a match's own values)")]

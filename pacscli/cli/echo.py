@@ -12,6 +12,7 @@ from pacscli.cli.common import (
     ConfigOpt,
     FormatOpt,
     Output,
+    TlsOpt,
     VerboseOpt,
     get_settings,
     run,
@@ -40,6 +41,7 @@ def echo(
     aet: AetOpt = None,
     config: ConfigOpt = None,
     fmt: FormatOpt = None,
+    tls: TlsOpt = False,
     verbose: VerboseOpt = 0,
 ) -> None:
     """C-ECHO a remote: association time, round trips, the peer's max PDU and implementation.
@@ -57,7 +59,7 @@ def echo(
         settings = get_settings(config, None, aet)
         if timeout is not None:
             settings = with_timeout(settings, timeout)
-        target = settings.remote(remote)
+        target = settings.remote(remote, tls=tls)
         out = Output(fmt, COLUMNS, live=interval > 0)
         if out.format == "table":
             out.columns = TABLE_COLUMNS

@@ -14,6 +14,7 @@ from pacscli.cli.common import (
     DicomJsonOpt,
     FormatOpt,
     Output,
+    TlsOpt,
     VerboseOpt,
     get_settings,
     run,
@@ -60,6 +61,7 @@ def find(
     aet: AetOpt = None,
     config: ConfigOpt = None,
     fmt: FormatOpt = None,
+    tls: TlsOpt = False,
     dicom_json: DicomJsonOpt = False,
     verbose: VerboseOpt = 0,
 ) -> None:
@@ -95,7 +97,7 @@ def find(
             if remote is not None:
                 from pacscli.net.find import find as c_find
 
-                target = settings.remote(remote)
+                target = settings.remote(remote, tls=tls)
                 where = str(target)
                 records = c_find(settings, target, query, limit=limit,
                                  case_insensitive_names=ci_names)

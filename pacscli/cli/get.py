@@ -14,6 +14,7 @@ from pacscli.cli.common import (
     DicomJsonOpt,
     FormatOpt,
     Output,
+    TlsOpt,
     VerboseOpt,
     get_settings,
     progress_bar,
@@ -54,6 +55,7 @@ def get(
     aet: AetOpt = None,
     config: ConfigOpt = None,
     fmt: FormatOpt = None,
+    tls: TlsOpt = False,
     dicom_json: DicomJsonOpt = False,
     verbose: VerboseOpt = 0,
 ) -> None:
@@ -75,7 +77,7 @@ def get(
         settings = get_settings(config, archive, aet)
         if out_dir is not None and archive is not None:
             raise UsageError("give --archive or --out, not both")
-        target = settings.remote(remote)
+        target = settings.remote(remote, tls=tls)
         inputs = list(requests(patient, study, series, instance, level, model, stdin))
         if not inputs:
             raise UsageError("no input records: nothing to get")

@@ -14,6 +14,7 @@ from pacscli.cli.common import (
     ConfigOpt,
     FormatOpt,
     Output,
+    TlsOpt,
     VerboseOpt,
     get_settings,
     input_records,
@@ -108,6 +109,7 @@ def move(
     aet: AetOpt = None,
     config: ConfigOpt = None,
     fmt: FormatOpt = None,
+    tls: TlsOpt = False,
     verbose: VerboseOpt = 0,
 ) -> None:
     """C-MOVE from a remote to --dest, for stdin records (their QueryRetrieveLevel and UIDs,
@@ -128,7 +130,7 @@ def move(
         from pacscli.net.move import move as c_move
 
         settings = get_settings(config, archive, aet)
-        target = settings.remote(remote)
+        target = settings.remote(remote, tls=tls)
         destination = dest or (settings.ae_title if receive else None)
         if destination is None:
             raise UsageError("give --dest AET (the AE title the remote sends to), or --receive "

@@ -19,6 +19,7 @@ from pacscli.cli.common import (
     DicomJsonOpt,
     FormatOpt,
     Output,
+    TlsOpt,
     VerboseOpt,
     get_settings,
     run,
@@ -46,6 +47,7 @@ def serve(
     aet: AetOpt = None,
     config: ConfigOpt = None,
     fmt: FormatOpt = None,
+    tls: TlsOpt = False,
     dicom_json: DicomJsonOpt = False,
     verbose: VerboseOpt = 0,
 ) -> None:
@@ -71,6 +73,8 @@ def serve(
                 serve_settings, allow=tuple(validate_ae_title(a) for a in allow))
         if any_called_aet:
             serve_settings = dataclasses.replace(serve_settings, require_called_aet=False)
+        if tls:
+            serve_settings = dataclasses.replace(serve_settings, tls=True)
         storage = settings.storage
         if durability is not None:
             if durability not in ("fsync", "none"):

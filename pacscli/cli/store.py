@@ -14,6 +14,7 @@ from pacscli.cli.common import (
     DicomJsonOpt,
     FormatOpt,
     Output,
+    TlsOpt,
     VerboseOpt,
     get_settings,
     input_records,
@@ -45,6 +46,7 @@ def store(
     aet: AetOpt = None,
     config: ConfigOpt = None,
     fmt: FormatOpt = None,
+    tls: TlsOpt = False,
     dicom_json: DicomJsonOpt = False,
     verbose: VerboseOpt = 0,
 ) -> None:
@@ -64,7 +66,7 @@ def store(
         quiet_pydicom(verbose)  # the records say what was fixed in dirty files
 
         settings = get_settings(config, archive, aet)
-        target = settings.remote(remote)
+        target = settings.remote(remote, tls=tls)
         out = Output(fmt, COLUMNS, dicom_json=dicom_json)
         if out.format == "table":
             out.columns = TABLE_COLUMNS

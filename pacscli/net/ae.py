@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import socket
+import ssl
 import time
 import warnings
 from collections.abc import Sequence
@@ -20,6 +21,7 @@ from pacscli.config import Remote, Settings
 from pacscli.errors import NetworkError
 from pacscli.net.diagnose import diagnose_connection, rejection_text
 from pacscli.net.pdu import Rejection
+from pacscli.net.tls import diagnose_handshake
 
 log = logging.getLogger(__name__)
 
@@ -65,11 +67,13 @@ def associate(
     contexts: Sequence[PresentationContext] | None = None,
     ext_neg: list[Any] | None = None,
     evt_handlers: Sequence[Handler] = (),
+    tls: ssl.SSLContext | None = None,
 ) -> Association:
-    """Open an association with `remote`, or raise NetworkError saying exactly why not.
+    """Open an association with `remote` (over TLS with the `tls` context), or raise
+    NetworkError saying exactly why not.
 
-    The error distinguishes name resolution, refused TCP, timeouts, a rejection (with its
-    decoded result, source and reason) and an abort during negotiation.
+    The error distinguishes name resolution, refused TCP, a failed TLS handshake, timeouts,
+    a rejection (with its decoded result, source and reason) and an abort during negotiation.
     """
     try:
         socket.getaddrinfo(remote.host, remote.port, type=socket.SOCK_STREAM)
@@ -117,6 +121,7 @@ def associate(
         max_pdu=ae.maximum_pdu_size,
         ext_neg=ext_neg,
         evt_handlers=handlers,
+        tls_args=(tls, remote.host) if tls is not None else None,
     )
     if assoc.is_established:
         peer_max = assoc.acceptor.maximum_length
@@ -146,6 +151,12 @@ def associate(
         raise NetworkError(f"{remote} accepted the association but none of the presentation "
                            f"contexts offered ({'; '.join(refused[:3])}{more})",
                            code="no-accepted-context")
+    if tls is not None and (not connected or "A_P_ABORT" in happened):
+        # pynetdicom only logs why the handshake failed; under TLS 1.3 a server refusing our
+        # certificate says so only after it, and pynetdicom sees the connection close.
+        problem = diagnose_handshake(remote, tls, ae.connection_timeout or 10)
+        if problem is not None:
+            raise NetworkError(problem, code="tls-failed")
     if not connected:
         raise NetworkError(f"cannot associate with {remote}: "
                            f"{diagnose_connection(remote, ae.connection_timeout or 10)}",

@@ -190,6 +190,11 @@ def request_association(settings: Settings, remote: Remote, contexts: Sequence[P
     except socket.gaierror as exc:
         raise NetworkError(f"cannot resolve host {remote.host!r}: {exc.strerror}",
                            code="name-resolution") from exc
+    tls = None
+    if remote.tls:  # ssl is loaded only then: `pacs store` starts in a fraction of a second
+        from pacscli.net.tls import client_context
+
+        tls = client_context(settings, remote)
     try:
         host, port = str(addresses[0][4][0]), int(addresses[0][4][1])
         sock = socket.create_connection((host, port), timeout=net.connect_timeout)
@@ -198,6 +203,15 @@ def request_association(settings: Settings, remote: Remote, contexts: Sequence[P
                            f"{diagnose_connection(remote, net.connect_timeout)}",
                            code="connection-failed") from exc
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    if tls is not None:
+        try:
+            sock.settimeout(net.acse_timeout)
+            sock = tls.wrap_socket(sock, server_hostname=remote.host)
+        except OSError as exc:  # ssl.SSLError is one
+            from pacscli.net.tls import handshake_problem
+
+            sock.close()
+            raise NetworkError(handshake_problem(exc, remote), code="tls-failed") from exc
     assoc = ClientAssociation(sock, remote, settings, staging)
     try:
         assoc.send_pdu(A_ASSOCIATE_RQ_TYPE, request)
@@ -209,6 +223,13 @@ def request_association(settings: Settings, remote: Remote, contexts: Sequence[P
                            f"request within {net.acse_timeout:g} s", code="acse-timeout") from exc
     except (OSError, AssociationClosed) as exc:
         assoc.close()
+        if tls is not None and isinstance(exc, OSError):  # TLS 1.3: refused after the handshake
+            from pacscli.net.tls import diagnose_handshake, handshake_problem
+
+            # The server's alert may be lost to the reset our request caused: a handshake
+            # that sends nothing hears it.
+            problem = diagnose_handshake(remote, tls, net.connect_timeout)
+            raise NetworkError(problem or handshake_problem(exc, remote), code="tls-failed") from exc
         raise NetworkError(f"{remote} closed the connection during association negotiation: {exc}",
                            code="association-aborted") from exc
     if pdu_type == A_ASSOCIATE_RJ_TYPE:

@@ -19,6 +19,7 @@ from pacscli.dicom.query import QR_MODELS, Query, identifier_record
 from pacscli.errors import NetworkError, PacsError, UsageError
 from pacscli.net.ae import Watch, abort, associate, make_ae, release
 from pacscli.net.qr import CANCEL, PENDING, failure, lost
+from pacscli.net.tls import client_context
 from pacscli.records import Record, failed
 
 log = logging.getLogger(__name__)
@@ -57,7 +58,8 @@ def find(settings: Settings, remote: Remote, query: Query, *, limit: int | None 
     base: Record = {"QueryRetrieveLevel": query.level, "remote": str(remote)}
     try:
         assoc = associate(ae, remote, contexts=[build_context(sop_class)], ext_neg=ext_neg,
-                          evt_handlers=watch.handlers())
+                          evt_handlers=watch.handlers(),
+                          tls=client_context(settings, remote))
     except NetworkError as exc:
         yield failed(exc, **base)
         raise

@@ -54,6 +54,7 @@ from pacscli.net.qr import (
     sub_operations,
 )
 from pacscli.net.sop_classes import storage_sop_classes
+from pacscli.net.tls import client_context
 from pacscli.records import Record, failed
 
 log = logging.getLogger(__name__)
@@ -281,7 +282,8 @@ def get(settings: Settings, remote: Remote, requests: Iterable[RetrieveRequest |
     timeout = float(ae.dimse_timeout or 0)
     try:
         assoc = associate(ae, remote, contexts=contexts, ext_neg=roles,
-                          evt_handlers=[*watch.handlers(), (evt.EVT_C_STORE, receiver.handle)])
+                          evt_handlers=[*watch.handlers(), (evt.EVT_C_STORE, receiver.handle)],
+                          tls=client_context(settings, remote))
     except NetworkError as exc:
         yield failed(exc, **wanted[0].fields(), remote=str(remote))
         raise

@@ -36,6 +36,7 @@ from pacscli.net.qr import (
     status_text,
     sub_operations,
 )
+from pacscli.net.tls import client_context
 from pacscli.records import Record, failed
 
 log = logging.getLogger(__name__)
@@ -145,7 +146,8 @@ def move(settings: Settings, remote: Remote, requests: Iterable[RetrieveRequest 
                 assoc = None
             if assoc is None:
                 try:
-                    assoc = associate(ae, remote, contexts=contexts, evt_handlers=watch.handlers())
+                    assoc = associate(ae, remote, contexts=contexts, evt_handlers=watch.handlers(),
+                                      tls=client_context(settings, remote))
                 except NetworkError as exc:
                     yield failed(exc, **base)
                     raise

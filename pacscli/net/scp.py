@@ -40,6 +40,7 @@ from pacscli.net.server import (
     SinkFactory,
 )
 from pacscli.net.sop_classes import storage_sop_classes
+from pacscli.net.tls import server_context
 from pacscli.records import Record, failed
 
 log = logging.getLogger(__name__)
@@ -151,6 +152,7 @@ class DicomServer:
             allow=serve.allow, require_called_aet=serve.require_called_aet,
             max_associations=serve.max_associations, acse_timeout=net.acse_timeout,
             network_timeout=net.network_timeout,
+            tls=server_context(settings) if serve.tls else None,
         )
         supported.update({uid: QR_TRANSFER_SYNTAXES for uid in MODELS})
         services: dict[int, Service] = {

@@ -22,6 +22,7 @@ import logging
 import os
 import select
 import socket
+import ssl
 import struct
 import tempfile
 import threading
@@ -99,6 +100,7 @@ class ServerConfig:
     max_associations: int = 16
     acse_timeout: float = 30.0
     network_timeout: float = 60.0
+    tls: ssl.SSLContext | None = None  # accept TLS connections only, with this context
 
 
 class DatasetSink(Protocol):
@@ -519,8 +521,10 @@ class Association:
         """
         if message_id in self.cancelled:
             return True
+        # Under TLS, bytes already decrypted wait in the SSL object, not the socket.
+        pending = isinstance(self.sock, ssl.SSLSocket) and self.sock.pending() > 0
         readable, _, _ = select.select([self.sock], [], [], 0)
-        if not readable:
+        if not readable and not pending:
             return False
         message = self.receive_message()
         if message is None:
@@ -651,6 +655,8 @@ class AssociationServer:
 
     def _run(self, assoc: Association) -> None:
         try:
+            if self.config.tls is not None and not self._handshake(assoc, self.config.tls):
+                return
             if not self._negotiate(assoc):
                 return
             assoc.sock.settimeout(self.config.network_timeout)
@@ -695,6 +701,19 @@ class AssociationServer:
             assoc.close()
             if self.on_released is not None:
                 self.on_released(assoc)
+
+    def _handshake(self, assoc: Association, context: ssl.SSLContext) -> bool:
+        """The TLS handshake, in the association's own thread (a slow peer holds up no
+        other) and within the ACSE timeout set on the socket; False when it failed."""
+        try:
+            assoc.sock = context.wrap_socket(assoc.sock, server_side=True)
+        except OSError as exc:  # ssl.SSLError is one
+            from pacscli.net.tls import client_handshake_problem
+
+            log.warning("TLS handshake with %s:%s failed: %s", *assoc.address,
+                        client_handshake_problem(exc))
+            return False
+        return True
 
     def _negotiate(self, assoc: Association) -> bool:
         """Read the A-ASSOCIATE-RQ and accept or reject it."""
