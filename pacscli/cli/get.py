@@ -78,9 +78,7 @@ def get(
         if out_dir is not None and archive is not None:
             raise UsageError("give --archive or --out, not both")
         target = settings.remote(remote, tls=tls)
-        inputs = list(requests(patient, study, series, instance, level, model, stdin))
-        if not inputs:
-            raise UsageError("no input records: nothing to get")
+        inputs = requests(patient, study, series, instance, level, model, stdin)
         out = Output(fmt, COLUMNS, dicom_json=dicom_json)
         if out.format == "table":
             out.columns = TABLE_COLUMNS

@@ -25,7 +25,7 @@ from typing import Any
 
 import pynetdicom.sop_class as sop_classes
 from pydicom.uid import AllTransferSyntaxes, ExplicitVRLittleEndian, ImplicitVRLittleEndian
-from pynetdicom import evt
+from pynetdicom import Association, evt
 from pynetdicom.presentation import PresentationContext, build_context, build_role
 
 from pacscli.archive.archive import Archive, same_dataset
@@ -247,7 +247,8 @@ def write_file(out: Path, data: bytes, transfer_syntax: str, source_aet: str | N
 def get(settings: Settings, remote: Remote, requests: Iterable[RetrieveRequest | Record], *,
         model: str = "study", archive: Archive | None = None, out: Path | None = None,
         progress: Progress | None = None) -> Iterator[Record]:
-    """C-GET each request from `remote` on one association, into `archive` or `out`.
+    """C-GET each request from `remote`, as the requests come, into `archive` or `out`: on
+    one association, unless a request names a SOP class its contexts left out.
 
     Yields a record per instance received (the archive's put record, or the file written),
     and for a request that did not fully succeed a record with its QueryRetrieveLevel, UIDs,
@@ -260,44 +261,46 @@ def get(settings: Settings, remote: Remote, requests: Iterable[RetrieveRequest |
     if (archive is None) == (out is None):
         raise UsageError("get needs an archive or an output folder, not both")
     model = normalize_model(model)
-    wanted: list[RetrieveRequest] = []
-    for item in list(requests):  # the SOP classes to offer are known before associating
-        if not isinstance(item, RetrieveRequest):
-            yield item
-            continue
-        try:
-            check_level(item.level, model)
-        except UsageError as exc:
-            yield failed(exc, **item.fields(), remote=str(remote))
-            continue
-        wanted.append(item)
-    if not wanted:
-        return
     sop_class = QR_MODELS[model]["get"]
-    hints = [r.sop_class_uid for r in wanted if r.sop_class_uid]
-    contexts, roles = get_contexts(model, hints)
     receiver = _Receiver(remote, archive, out)
     watch = Watch()
     ae = make_ae(settings)
     timeout = float(ae.dimse_timeout or 0)
-    try:
-        assoc = associate(ae, remote, contexts=contexts, ext_neg=roles,
-                          evt_handlers=[*watch.handlers(), (evt.EVT_C_STORE, receiver.handle)],
-                          tls=client_context(settings, remote))
-    except NetworkError as exc:
-        yield failed(exc, **wanted[0].fields(), remote=str(remote))
-        raise
-    refused_by_peer = 0
+    assoc: Association | None = None
+    offered: set[str] = set()  # the storage classes the association's contexts offer
+    wanted = refused_by_peer = 0
     last_failure: PeerFailure | None = None
     done_before = 0
     msg_id = 0
     try:
-        if sop_class not in {str(cx.abstract_syntax) for cx in assoc.accepted_contexts}:
-            error = NetworkError(f"{remote} does not accept C-GET in the {model.title()} Root "
-                                 "model", code="no-accepted-context")
-            yield failed(error, **wanted[0].fields(), remote=str(remote))
-            raise error
-        for request in wanted:
+        # Requests are taken as they come (`find | get` starts with find's first match).
+        for request in _checked(requests, model, remote):
+            if not isinstance(request, RetrieveRequest):
+                yield request
+                continue
+            wanted += 1
+            hint = request.sop_class_uid
+            if assoc is not None and ((hint and hint not in offered) or not assoc.is_established):
+                # A class the contexts leave out (they offer the common ones first), or an
+                # association the peer ended: another one, offering that class first.
+                release(assoc)
+                assoc = None
+            if assoc is None:
+                contexts, roles = get_contexts(model, [hint] if hint else [])
+                try:
+                    assoc = associate(ae, remote, contexts=contexts, ext_neg=roles,
+                                      evt_handlers=[*watch.handlers(),
+                                                    (evt.EVT_C_STORE, receiver.handle)],
+                                      tls=client_context(settings, remote))
+                except NetworkError as exc:
+                    yield failed(exc, **request.fields(), remote=str(remote))
+                    raise
+                offered = {str(cx.abstract_syntax) for cx in contexts}
+                if sop_class not in {str(cx.abstract_syntax) for cx in assoc.accepted_contexts}:
+                    error = NetworkError(f"{remote} does not accept C-GET in the "
+                                         f"{model.title()} Root model", code="no-accepted-context")
+                    yield failed(error, **request.fields(), remote=str(remote))
+                    raise error
             base: Record = {**request.fields(), "remote": str(remote)}
             started = time.monotonic()
             try:
@@ -349,14 +352,34 @@ def get(settings: Settings, remote: Remote, requests: Iterable[RetrieveRequest |
             if record["status"] != "ok":
                 yield {**base, **record, "elapsed_ms": _ms(started)}
     except BaseException:
-        abort(assoc)
+        if assoc is not None:
+            abort(assoc)
         raise
     finally:
-        release(assoc)
-    if refused_by_peer == len(wanted) and last_failure is not None:
-        raise PeerFailure(last_failure.message if len(wanted) == 1 else
+        if assoc is not None:
+            release(assoc)
+    if refused_by_peer == wanted and last_failure is not None:
+        raise PeerFailure(last_failure.message if wanted == 1 else
                           f"{remote} answered every C-GET with a failure status; the last: "
                           f"{last_failure.message}", code=last_failure.code)
+
+
+def _checked(items: Iterable[RetrieveRequest | Record], model: str,
+             remote: Remote) -> Iterator[RetrieveRequest | Record]:
+    """The requests, as they come; a failed record for one of a level the model lacks, and
+    records given instead of requests passed on. UsageError when there is nothing at all."""
+    empty = True
+    for item in items:
+        empty = False
+        if isinstance(item, RetrieveRequest):
+            try:
+                check_level(item.level, model)
+            except UsageError as exc:
+                yield failed(exc, **item.fields(), remote=str(remote))
+                continue
+        yield item
+    if empty:
+        raise UsageError("no input records: nothing to get")
 
 
 def _ms(started: float) -> float:

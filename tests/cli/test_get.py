@@ -170,6 +170,50 @@ def test_refused_by_the_peer_exits_4(refusing_scp: int, tmp_path: Path) -> None:
     assert record["status"] == "failed" and record["dimse_status"] == 0xA702
 
 
+def test_get_starts_before_its_input_ends(peer: tuple[Dcmqrscp, list[Path]],
+                                          tmp_path: Path) -> None:
+    """`find | get` retrieves each match as it comes: the first study arrives while stdin is
+    still open (get read all of stdin first, to choose its presentation contexts)."""
+    import json
+    import os
+    import selectors
+    import subprocess
+    import time
+
+    from tests.conftest import pacs_cmd
+
+    qrscp, files = peer
+    (tmp_path / "config.toml").write_text("")
+    proc = subprocess.Popen(
+        pacs_cmd("get", qrscp.remote, "--out", str(tmp_path / "out"), "-"), text=True,
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        env={**os.environ, "PACS_CONFIG": str(tmp_path / "config.toml")})
+    assert proc.stdin is not None and proc.stdout is not None
+    try:
+        proc.stdin.write(json.dumps({"QueryRetrieveLevel": "STUDY",
+                                     "StudyInstanceUID": HOLMES_STUDY_2}) + "\n")
+        proc.stdin.flush()
+        selector = selectors.DefaultSelector()
+        selector.register(proc.stdout, selectors.EVENT_READ)
+        deadline = time.monotonic() + 60
+        while not selector.select(timeout=max(0.0, deadline - time.monotonic())):
+            if time.monotonic() > deadline:
+                pytest.fail("no record while stdin stays open")
+        first = json.loads(proc.stdout.readline())
+        assert first["StudyInstanceUID"] == HOLMES_STUDY_2 and first["status"] == "ok"
+        assert proc.poll() is None  # still waiting for more input
+        proc.stdin.write(json.dumps({"QueryRetrieveLevel": "STUDY",
+                                     "StudyInstanceUID": LESTRADE_STUDY}) + "\n")
+        proc.stdin.close()
+        rest = [json.loads(line) for line in proc.stdout]
+        assert proc.wait(60) == 0, proc.stderr.read() if proc.stderr else ""
+    finally:
+        proc.kill()
+        proc.wait()
+    got = {first["SOPInstanceUID"], *(r["SOPInstanceUID"] for r in rest)}
+    assert got == sop_uids_of_studies(files, [HOLMES_STUDY_2, LESTRADE_STUDY])
+
+
 def test_usage_errors(peer: tuple[Dcmqrscp, list[Path]], tmp_path: Path) -> None:
     qrscp, _ = peer
     both = run_pacs(tmp_path, "get", qrscp.remote, "--study", "1.2.3", "--out", str(tmp_path),
@@ -226,6 +270,41 @@ def test_get_from_pacs_serve_brings_images_as_stored(tmp_path: Path) -> None:
     sent = {pydicom.dcmread(testdata(n)).SOPInstanceUID:
             pydicom.dcmread(testdata(n)).file_meta.TransferSyntaxUID for n in names}
     assert got == sent
+
+
+def test_a_class_the_first_contexts_left_out_gets_an_association_of_its_own(
+        tmp_path: Path) -> None:
+    """Requests read as they come: a later one naming a SOP class the association's contexts
+    do not offer (128 contexts cannot hold every class) gets a new association offering it."""
+    import json
+
+    from tests.dicom_files import make_dataset, write_instance
+
+    rare = "1.2.840.10008.5.1.4.1.1.9.4.2"  # General Audio Waveform: not among the first 88
+    contexts, _ = get_contexts("study", ["1.2.840.10008.5.1.4.1.1.2"])
+    assert rare not in {str(cx.abstract_syntax) for cx in contexts}
+    ct = pydicom.dcmread(testdata("explicit_le"))
+    dataset = make_dataset()
+    dataset.SOPClassUID = rare
+    audio = write_instance(tmp_path / "audio.dcm", dataset)
+    archive = Archive(tmp_path / "served")
+    archive.put(testdata("explicit_le"))
+    archive.put(audio)
+    archive.close()
+    wanted = [pydicom.dcmread(p) for p in (testdata("explicit_le"), audio)]
+    lines = "".join(json.dumps({"QueryRetrieveLevel": "IMAGE", "SOPClassUID": str(ds.SOPClassUID),
+                                "StudyInstanceUID": str(ds.StudyInstanceUID),
+                                "SeriesInstanceUID": str(ds.SeriesInstanceUID),
+                                "SOPInstanceUID": str(ds.SOPInstanceUID)}) + "\n" for ds in wanted)
+    server = start_server(tmp_path / "serve", archive=tmp_path / "served")
+    try:
+        result = run_pacs(tmp_path, "get", f"PACSCLI@127.0.0.1:{server.port}",
+                          "--out", str(tmp_path / "out"), "-", stdin=lines)
+    finally:
+        server.stop()
+    assert result.returncode == 0, result.stderr
+    assert {r["SOPInstanceUID"] for r in records(result)} == \
+        {str(ct.SOPInstanceUID), str(wanted[1].SOPInstanceUID)}
 
 
 def test_get_into_an_out_that_is_a_file(tmp_path: Path) -> None:
