@@ -24,9 +24,9 @@ The config file (``--config``, else ``PACS_CONFIG``, else the per-user config fo
     [tls]                         # DICOM over TLS (PS3.15 B.9, BCP 195)
     cert = "/etc/pacs/pacs.crt"   # our certificate: serve's, and the one peers may ask of us
     key = "/etc/pacs/pacs.key"
-    ca = "/etc/pacs/ca.pem"       # the CAs that sign peers' certificates (default: the system's)
+    ca = "/etc/pacs/ca.pem"       # the CA that signs peers' certificates (serve needs it)
     verify_peer = true            # check peers' certificates (serve: require one of each client)
-    check_hostname = false        # also match the peer's host name to its certificate
+    check_hostname = false        # also match the peer's name (always, without ca: system CAs)
 
     [remotes.ORTHANC]
     ae_title = "ORTHANC"

@@ -1,4 +1,6 @@
-"""A throwaway PKI for DICOM-over-TLS tests: a CA, and certificates it signs for 127.0.0.1."""
+"""A throwaway PKI for DICOM-over-TLS tests: a CA, and certificates it signs for 127.0.0.1.
+
+RSA keys: the TLS 1.2 cipher suites of BCP 195, which DCMTK offers by default, are RSA ones."""
 
 from __future__ import annotations
 
@@ -9,7 +11,7 @@ from pathlib import Path
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.x509.oid import NameOID
 
 
@@ -28,14 +30,14 @@ def _name(common_name: str) -> x509.Name:
     return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
 
 
-def _write_key(key: ec.EllipticCurvePrivateKey, path: Path) -> None:
+def _write_key(key: rsa.RSAPrivateKey, path: Path) -> None:
     path.write_bytes(key.private_bytes(serialization.Encoding.PEM,
                                        serialization.PrivateFormat.TraditionalOpenSSL,
                                        serialization.NoEncryption()))
 
 
-def _certificate(subject: str, key: ec.EllipticCurvePrivateKey, issuer: str,
-                 issuer_key: ec.EllipticCurvePrivateKey, *, ca: bool) -> x509.Certificate:
+def _certificate(subject: str, key: rsa.RSAPrivateKey, issuer: str,
+                 issuer_key: rsa.RSAPrivateKey, *, ca: bool) -> x509.Certificate:
     now = datetime.datetime.now(datetime.UTC)
     builder = (x509.CertificateBuilder().subject_name(_name(subject)).issuer_name(_name(issuer))
                .public_key(key.public_key()).serial_number(x509.random_serial_number())
@@ -57,12 +59,12 @@ def _certificate(subject: str, key: ec.EllipticCurvePrivateKey, issuer: str,
 def make_pki(folder: Path, ca_name: str = "pacscli test CA") -> Pki:
     """Write a new CA and a server and a client certificate it signs, under `folder`."""
     folder.mkdir(parents=True, exist_ok=True)
-    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
     ca_cert = _certificate(ca_name, ca_key, ca_name, ca_key, ca=True)
     (folder / "ca.pem").write_bytes(ca_cert.public_bytes(serialization.Encoding.PEM))
     paths = {}
     for party in ("server", "client"):
-        key = ec.generate_private_key(ec.SECP256R1())
+        key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
         cert = _certificate(f"pacscli test {party}", key, ca_name, ca_key, ca=False)
         (folder / f"{party}.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
         _write_key(key, folder / f"{party}.key")

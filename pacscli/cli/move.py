@@ -149,7 +149,7 @@ def move(
                 from pacscli.archive.archive import Archive
 
                 store = Archive(settings.archive, settings.storage)
-                receiver = StorageReceiver(settings, store, destination)
+                receiver = StorageReceiver(settings, store, destination, tls=target.tls)
                 receiving = receiver.start(bind, port if port is not None else settings.serve.port)
                 if verbose:
                     typer.echo(f"pacs move: receiving as {destination} on "

@@ -112,6 +112,11 @@ def associate(
     handlers = [NODELAY_HANDLER, (evt.EVT_CONN_OPEN, on_conn_open),
                 (evt.EVT_CONN_CLOSE, on_conn_close), (evt.EVT_ACSE_RECV, on_acse_recv),
                 (evt.EVT_PDU_RECV, on_pdu_recv), *evt_handlers]
+    if tls is not None:
+        # pynetdicom reads its socket without a timeout once connected: TLS 1.3 session
+        # tickets make it look readable, and a peer that then says nothing held the command
+        # for ever (pynetdicom issue #364). TLS 1.2 is what BCP 195 asks for anyway.
+        tls.maximum_version = ssl.TLSVersion.TLSv1_2
     started = time.monotonic()
     assoc = ae.associate(
         remote.host,

@@ -50,10 +50,13 @@ class StorageReceiver:
     """A storage SCP in this process, answering to `ae_title` from any calling AE, putting
     what it receives into the archive: `pacs serve`'s server and C-STORE service."""
 
-    def __init__(self, settings: Settings, archive: Archive, ae_title: str) -> None:
+    def __init__(self, settings: Settings, archive: Archive, ae_title: str, *,
+                 tls: bool = False) -> None:
         from pacscli.net.scp import DicomServer
 
-        serve = replace(settings.serve, allow=(), require_called_aet=True)
+        # Over TLS when the retrieve is (`move --tls`): what comes back must not be in the clear.
+        serve = replace(settings.serve, allow=(), require_called_aet=True,
+                        tls=settings.serve.tls or tls)
         self._lock = threading.Lock()
         self.stored = 0
         self.refused = 0

@@ -710,8 +710,10 @@ class AssociationServer:
         except OSError as exc:  # ssl.SSLError is one
             from pacscli.net.tls import client_handshake_problem
 
-            log.warning("TLS handshake with %s:%s failed: %s", *assoc.address,
-                        client_handshake_problem(exc))
+            # A connection closed before a word (a probe, a health check) is no failure.
+            quiet = isinstance(exc, ssl.SSLEOFError | ConnectionResetError)
+            log.log(logging.INFO if quiet else logging.WARNING, "TLS handshake with %s:%s "
+                    "failed: %s", *assoc.address, client_handshake_problem(exc))
             return False
         return True
 

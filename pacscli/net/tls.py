@@ -1,10 +1,11 @@
 """DICOM over TLS (PS3.15 B.9): the SSL contexts of our requestors and of `pacs serve`, and
 why a handshake failed, in words a field engineer can act on.
 
-Peers are checked against `[tls] ca` (else the system's CAs) unless `verify_peer = false`.
-Their host names are not matched to their certificates unless `check_hostname = true`: DICOM
-peers are often reached by address, and certificates of modalities seldom name one. `pacs
-serve` with `verify_peer` requires a certificate from each client, as DCMTK's storescp does.
+Peers are checked against `[tls] ca` unless `verify_peer = false`. With our own CA, their
+host names are matched to their certificates only when `check_hostname = true` (DICOM peers
+are often reached by address, and modalities' certificates seldom name one); trusting the
+system's CAs instead, they always are. `pacs serve` with `verify_peer` requires a certificate
+from each client, as DCMTK's storescp does, and one signed by `[tls] ca` only.
 """
 
 from __future__ import annotations
@@ -25,7 +26,9 @@ def client_context(settings: Settings, remote: Remote) -> ssl.SSLContext | None:
     tls = settings.tls
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     context.minimum_version = ssl.TLSVersion.TLSv1_2  # BCP 195
-    context.check_hostname = tls.verify_peer and tls.check_hostname
+    # Trusting the system's CAs, a certificate anyone can buy would do without its name
+    # checked: the name is then checked whatever check_hostname says.
+    context.check_hostname = tls.verify_peer and (tls.check_hostname or not tls.ca)
     context.verify_mode = ssl.CERT_REQUIRED if tls.verify_peer else ssl.CERT_NONE
     _load_trust(context, tls)
     if tls.cert:  # shown to peers that ask for one (most DICOM TLS servers do)
@@ -44,6 +47,10 @@ def server_context(settings: Settings) -> ssl.SSLContext:
     context.minimum_version = ssl.TLSVersion.TLSv1_2
     _load_identity(context, tls)
     if tls.verify_peer:
+        if not tls.ca:  # the system's CAs would let in anyone with a public certificate
+            raise ConfigError("serving over TLS checks clients' certificates against [tls] ca: "
+                              "set it to the CA that signs them, or set verify_peer = false to "
+                              "let in clients without one")
         context.verify_mode = ssl.CERT_REQUIRED
         _load_trust(context, tls)
     return context
@@ -66,9 +73,22 @@ def _load_trust(context: ssl.SSLContext, tls: TlsSettings) -> None:
                           f"{_reason(exc)}") from exc
 
 
+class _EncryptedKey(Exception):
+    """Raised by the password callback: a passphrase would be asked on the terminal."""
+
+
+def _no_password() -> str:
+    raise _EncryptedKey
+
+
 def _load_identity(context: ssl.SSLContext, tls: TlsSettings) -> None:
     try:
-        context.load_cert_chain(_path(tls.cert), _path(tls.key) if tls.key else None)
+        context.load_cert_chain(_path(tls.cert), _path(tls.key) if tls.key else None,
+                                password=_no_password)
+    except _EncryptedKey:
+        raise ConfigError(f"[tls] key = {tls.key!r} is encrypted: pacscli cannot ask for its "
+                          "passphrase (a service has no terminal); give it the key unencrypted, "
+                          "readable by its user only") from None
     except (OSError, ssl.SSLError) as exc:
         raise ConfigError(f"cannot load our certificate and key ([tls] cert = {tls.cert!r}, "
                           f"key = {tls.key!r}): {_reason(exc)}") from exc
@@ -81,6 +101,8 @@ def _reason(exc: BaseException) -> str:
         return f"certificate verify failed: {exc.verify_message}"
     if isinstance(exc, ssl.SSLError) and exc.reason:
         return str(exc.reason).replace("_", " ").lower()
+    if isinstance(exc, TimeoutError):
+        return "no answer to the TLS handshake in time"
     if isinstance(exc, OSError) and exc.strerror:
         return exc.strerror
     return str(exc) or type(exc).__name__
@@ -93,12 +115,15 @@ def handshake_problem(exc: BaseException, remote: Remote) -> str:
         hint = ("is its CA in [tls] ca?" if "issuer" in reason or "self-signed" in reason
                 else "check its certificate")
     elif "wrong version number" in reason or "record layer failure" in reason or \
-            isinstance(exc, ssl.SSLEOFError | ConnectionResetError):
+            isinstance(exc, ssl.SSLEOFError | ConnectionResetError | TimeoutError):
         hint = "does it speak TLS on this port?"
     elif "certificate required" in reason:
         hint = "it wants a certificate of ours: set [tls] cert and key"
-    elif "handshake failure" in reason or "unknown ca" in reason or "bad certificate" in reason:
+    elif "unknown ca" in reason or "bad certificate" in reason:
         hint = "it refused our certificate: is [tls] cert one its CA signed?"
+    elif "handshake failure" in reason:  # TLS 1.2 says no more, whatever the cause
+        hint = ("does it want a certificate of ours ([tls] cert and key), one its CA signed, "
+                "or cipher suites we do not offer?")
     else:
         hint = "check both sides' TLS settings"
     return f"TLS handshake with {remote} failed: {reason} ({hint})"
@@ -113,7 +138,7 @@ def client_handshake_problem(exc: BaseException) -> str:
         return f"{reason} (the client showed no certificate; [tls] verify_peer = false lets such " \
                "clients in)"
     if isinstance(exc, ssl.SSLCertVerificationError) or "unknown ca" in reason:
-        return f"{reason} (its certificate is not signed by a CA in [tls] ca)"
+        return f"{reason} (its certificate is not signed by the CA of [tls] ca)"
     return reason
 
 
@@ -125,15 +150,19 @@ def diagnose_handshake(remote: Remote, context: ssl.SSLContext, timeout: float) 
     except OSError:
         return None
     try:
-        with context.wrap_socket(raw, server_hostname=remote.host) as sock:
-            # Under TLS 1.3 the server checks our certificate after the handshake, and an
-            # alert refusing it comes with the first read.
-            sock.settimeout(min(timeout, 2.0))
-            sock.recv(1)
-            return None
+        sock = context.wrap_socket(raw, server_hostname=remote.host)
+    except OSError as exc:  # ssl.SSLError is one; a TimeoutError: no answer to it
+        raw.close()
+        return handshake_problem(exc, remote)
+    try:
+        # Under TLS 1.3 the server checks our certificate after the handshake, and an alert
+        # refusing it comes with the first read.
+        sock.settimeout(min(timeout, 2.0))
+        sock.recv(1)
     except TimeoutError:  # nothing to read: the handshake went well
         return None
-    except OSError as exc:  # ssl.SSLError is one
+    except OSError as exc:
         return handshake_problem(exc, remote)
     finally:
-        raw.close()
+        sock.close()
+    return None
