@@ -268,22 +268,31 @@ def test_move_receive_over_tls(tmp_path: Path, pki: Pki) -> None:
     """`move --tls --receive`: the sub-operations come back over TLS too (the receiver
     listened in the clear, and a serve sending over TLS failed the handshake)."""
     receive_port = free_port()
-    me = f'[remotes.ME]\nae_title = "ME"\nhost = "127.0.0.1"\nport = {receive_port}\n' \
-         'tls = true\n'
-    tls_config(tmp_path / "serve", pki.server_cert, pki.server_key, pki.ca, extra=me)
-    server = start_server(tmp_path / "serve", "--tls")
+    server, remote, study = _serve_holding_one_study(tmp_path, pki, "ME", receive_port)
     try:
-        tls_config(tmp_path / "me", pki.client_cert, pki.client_key, pki.ca)
-        source = testdata("explicit_le")
-        remote = f"PACSCLI@127.0.0.1:{server.port}"
-        assert run_pacs(tmp_path / "me", "store", remote, "--tls", str(source)).returncode == 0
         move = run_pacs(tmp_path / "me", "move", remote, "--tls", "--dest", "ME", "--receive",
                         "--port", str(receive_port), "--archive", str(tmp_path / "mine"),
-                        "--study", str(pydicom.dcmread(source).StudyInstanceUID))
+                        "--study", study)
         assert move.returncode == 0, move.stderr + server.stderr()
     finally:
         server.stop()
     assert [r["received"] for r in records(move)] == [1]
+
+
+def _serve_holding_one_study(tmp_path: Path, pki: Pki, destination: str,
+                             port: int) -> tuple[Server, str, str]:
+    """`pacs serve --tls` knowing `destination` at `port` with tls = true, holding one
+    instance stored over TLS (a client config in tmp_path/me): the server, its remote, and
+    the instance's study."""
+    remotes = f'[remotes.DEST]\nae_title = "{destination}"\nhost = "127.0.0.1"\n' \
+              f'port = {port}\ntls = true\n'
+    tls_config(tmp_path / "serve", pki.server_cert, pki.server_key, pki.ca, extra=remotes)
+    server = start_server(tmp_path / "serve", "--tls")
+    tls_config(tmp_path / "me", pki.client_cert, pki.client_key, pki.ca)
+    source = testdata("explicit_le")
+    remote = f"PACSCLI@127.0.0.1:{server.port}"
+    assert run_pacs(tmp_path / "me", "store", remote, "--tls", str(source)).returncode == 0
+    return server, remote, str(pydicom.dcmread(source).StudyInstanceUID)
 
 
 def test_move_from_serve_to_a_tls_destination(tmp_path: Path, pki: Pki,
@@ -291,20 +300,13 @@ def test_move_from_serve_to_a_tls_destination(tmp_path: Path, pki: Pki,
     """C-MOVE over TLS, and `pacs serve` sending its sub-operations over TLS to a
     destination whose [remotes] table says tls = true."""
     port, received = storescp_tls
-    destination = f'[remotes.DEST]\nae_title = "STORESCP"\nhost = "127.0.0.1"\nport = {port}\n' \
-                  'tls = true\n'
-    tls_config(tmp_path / "serve", pki.server_cert, pki.server_key, pki.ca, extra=destination)
-    server = start_server(tmp_path / "serve", "--tls")
+    server, remote, study = _serve_holding_one_study(tmp_path, pki, "STORESCP", port)
     try:
-        tls_config(tmp_path / "me", pki.client_cert, pki.client_key, pki.ca)
-        source = testdata("explicit_le")
-        remote = f"PACSCLI@127.0.0.1:{server.port}"
-        assert run_pacs(tmp_path / "me", "store", remote, "--tls", str(source)).returncode == 0
-        study = str(pydicom.dcmread(source).StudyInstanceUID)
         move = run_pacs(tmp_path / "me", "move", remote, "--tls", "--dest", "STORESCP",
                         "--study", study)
         assert move.returncode == 0, move.stderr + server.stderr()
     finally:
         server.stop()
     [arrived] = list(received.iterdir())
+    source = testdata("explicit_le")
     assert pydicom.dcmread(arrived).SOPInstanceUID == pydicom.dcmread(source).SOPInstanceUID
