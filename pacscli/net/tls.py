@@ -64,10 +64,8 @@ def _load_trust(context: ssl.SSLContext, tls: TlsSettings) -> None:
     try:
         if tls.ca:
             context.load_verify_locations(cafile=_path(tls.ca))
-        else:
-            serving = context.protocol == ssl.PROTOCOL_TLS_SERVER  # then peers are clients
-            context.load_default_certs(ssl.Purpose.CLIENT_AUTH if serving
-                                       else ssl.Purpose.SERVER_AUTH)
+        else:  # only a client gets here: serve refuses to check clients without [tls] ca
+            context.load_default_certs(ssl.Purpose.SERVER_AUTH)
     except (OSError, ssl.SSLError) as exc:
         raise ConfigError(f"cannot load the CA certificates of [tls] ca = {tls.ca!r}: "
                           f"{_reason(exc)}") from exc
