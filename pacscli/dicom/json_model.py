@@ -32,8 +32,7 @@ def dataset_json(dataset: Dataset) -> dict[str, Any]:
     """The JSON model of `dataset`: {"00100020": {"vr": "LO", "Value": [...]}, ...}, keys in
     tag order. An element that cannot be put in the model is left out (logged)."""
     model: dict[str, Any] = {}
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # pydicom warns on odd values: the log says what counts
+    with warnings.catch_warnings(action="ignore"):  # pydicom warns on odd values: the log says what counts
         for tag in sorted(dataset.keys()):
             try:
                 model[f"{tag:08X}"] = _element_json(dataset[tag])  # converted here, may raise
@@ -57,8 +56,7 @@ def _element_json(element: DataElement) -> dict[str, Any]:
 def file_json(path: Path) -> dict[str, Any]:
     """The JSON model of a DICOM file's dataset, without its pixel data. Raises whatever
     pydicom raises on a file it cannot read."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
+    with warnings.catch_warnings(action="ignore"):
         dataset = dcmread(path, stop_before_pixels=True)
     return dataset_json(dataset)
 
@@ -73,8 +71,7 @@ def record_json(record: Record) -> dict[str, Any]:
         if vr == "SQ":
             continue
         try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
+            with warnings.catch_warnings(action="ignore"):
                 dataset.add_new(tag, vr, "" if value is None else value)
         except Exception as exc:  # a value its VR cannot hold ("abc" for an IS)
             log.warning("--dicom-json: %s left out: %s", key, exc)

@@ -244,8 +244,7 @@ def _command_problem(command: bytes) -> str | None:
     decoding it does (tolerant of what real peers send, such as trailing padding or an empty
     count), every value read, and the two elements it needs."""
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
+        with warnings.catch_warnings(action="ignore"):
             dataset = decode(BytesIO(command), True, True)
             for element in dataset:  # pydicom reads values lazily: a broken one raises here
                 _ = element.value
