@@ -131,6 +131,7 @@ class Archive:
         except OSError as exc:
             raise _resource_error(exc, f"cannot create the archive at {self.root}") from exc
         self.index = Index(self.root / layout.INDEX_FILE)
+        self.index.check_writable()
         self._stripes: dict[str, tuple[threading.Lock, int]] = {}  # lock stripe -> (lock, fd)
         self._stripes_guard = threading.Lock()
         self._syncers: ThreadPoolExecutor | None = None

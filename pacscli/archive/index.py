@@ -289,6 +289,22 @@ class Index:
         finally:
             conn.execute("PRAGMA foreign_keys=ON")
 
+    def check_writable(self) -> None:
+        """Raise ArchiveError when the index cannot be written (a read-only file, its folder
+        or its WAL): better said once at start than as a failure of every instance."""
+        conn = self.connection()
+        try:
+            with self._write_lock:
+                conn.execute("BEGIN IMMEDIATE")
+                try:  # a write of what is there already, undone: SQLite refuses it on a
+                    # read-only database, where BEGIN IMMEDIATE alone succeeds
+                    version = int(conn.execute("PRAGMA user_version").fetchone()[0])
+                    conn.execute(f"PRAGMA user_version = {version}")
+                finally:
+                    conn.execute("ROLLBACK")
+        except sqlite3.Error as exc:
+            raise ArchiveError(f"cannot write the index {self.path}: {exc}") from exc
+
     def lookup(self, sop_uid: str) -> InstanceRow | None:
         """The indexed instance with this SOP Instance UID, if any."""
         row = self.connection().execute(

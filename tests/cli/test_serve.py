@@ -488,3 +488,34 @@ def test_a_port_out_of_range_is_a_usage_error(tmp_path: Path, option: list[str],
         env={**os.environ, "PACS_CONFIG": str(tmp_path / "config.toml"), "COLUMNS": "200"})
     assert result.returncode == 2, result.stderr
     assert says in result.stderr and "Traceback" not in result.stderr
+
+
+def test_an_index_that_cannot_be_written_stops_serve_at_start(tmp_path: Path) -> None:
+    """A read-only index.sqlite: serve says so and exits, rather than listening and then
+    answering every C-STORE with a failure; `index` says the same before reading any file.
+    Root ignores file modes, so the file is made immutable (chattr +i) instead."""
+    archive = tmp_path / "archive"
+    small = tmp_path / "small"
+    make_ct_series(small, 1, rows=16, cols=16)
+    env = {**os.environ, "PACS_CONFIG": str(tmp_path / "config.toml")}
+    (tmp_path / "config.toml").write_text("")
+    subprocess.run(pacs_cmd("index", "--archive", str(archive), str(small)), check=True,
+                   capture_output=True, env=env, stdin=subprocess.DEVNULL)
+    index = archive / "index.sqlite"
+    locked = ["chattr", "+i", str(index)] if os.geteuid() == 0 else ["chmod", "a-w", str(index)]
+    if subprocess.run(locked, capture_output=True).returncode != 0:
+        pytest.skip("cannot make a file read-only here")
+    try:
+        for command in (["serve", "--port", str(free_port()), "--bind", "127.0.0.1"],
+                        ["index", str(small)]):
+            result = subprocess.run(pacs_cmd(*command, "--archive", str(archive)),
+                                    capture_output=True, text=True, timeout=60, env=env,
+                                    stdin=subprocess.DEVNULL)
+            assert result.returncode == 1, result.stderr
+            assert result.stderr.strip() == (f"pacs: error: cannot write the index {index}: "
+                                             "attempt to write a readonly database")
+            assert result.stdout == ""
+    finally:
+        subprocess.run(["chattr", "-i", str(index)] if os.geteuid() == 0
+                       else ["chmod", "u+w", str(index)], check=True)
+    assert len(index_rows(archive)) == 1
