@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 from pathlib import Path
+from typing import Any
 
 import pydicom
 import pytest
@@ -31,7 +32,7 @@ def pacs(tmp_path: Path, *args: str, stdin: str | None = None) -> subprocess.Com
                           env={**os.environ, "PACS_CONFIG": str(config)})
 
 
-def lines(result: subprocess.CompletedProcess[str]) -> list[dict[str, object]]:
+def lines(result: subprocess.CompletedProcess[str]) -> list[dict[str, Any]]:
     return [json.loads(line) for line in result.stdout.splitlines()]
 
 

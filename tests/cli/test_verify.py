@@ -140,7 +140,7 @@ def test_a_damaged_index_is_named_with_what_to_do(tmp_path: Path) -> None:
     assert "pacs index --rebuild" in result.stderr
     result = pacs(tmp_path, "index", "--archive", str(archive), str(src))
     assert result.returncode == 1 and "Traceback" not in result.stderr
-    assert "index-unusable" in {r.get("error", {}).get("code") for r in lines(result)}  # type: ignore[union-attr]
+    assert "index-unusable" in {r.get("error", {}).get("code") for r in lines(result)}
 
     assert pacs(tmp_path, "index", "--archive", str(archive), "--rebuild").returncode == 0
     assert pacs(tmp_path, "verify", "--archive", str(archive)).returncode == 0

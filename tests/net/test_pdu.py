@@ -348,10 +348,10 @@ def test_truncated_and_damaged_pdus_raise_nothing_but_pdu_error() -> None:
         full = encode(sample_request() if encode is encode_rq else sample_accept())
         damaged = [full[:n] for n in range(len(full))]
         for _ in range(2000):
-            data = bytearray(full)
+            changed = bytearray(full)
             for _ in range(rng.randint(1, 4)):
-                data[rng.randrange(len(data))] = rng.randrange(256)
-            damaged.append(bytes(data))
+                changed[rng.randrange(len(changed))] = rng.randrange(256)
+            damaged.append(bytes(changed))
         for data in damaged:
             with contextlib.suppress(PduError):
                 decode(data)

@@ -89,13 +89,13 @@ def test_pydicom_test_files_and_junk(tmp_path: Path) -> None:
     # pydicom's own files: readable instances indexed, the rest skipped for what they are
     for name in TESTDATA.values():
         assert by_source[str(testdata(name))]["status"] in ("ok", "warning"), name
-    for name, code in {"MR_truncated.dcm": "truncated", "rtplan_truncated.dcm": "truncated",
+    for name, reason_code in {"MR_truncated.dcm": "truncated", "rtplan_truncated.dcm": "truncated",
                        "README.txt": "not-dicom", "zipMR.gz": "not-dicom",
                        "test1.json": "not-dicom", "ExplVR_LitEndNoMeta.dcm": "no-preamble",
                        "rtstruct.dcm": "no-preamble", "meta_missing_tsyntax.dcm": "invalid-dicom",
                        "no_meta_group_length.dcm": "unsafe-uid", "badVR.dcm": None}.items():
         record = by_source[str(PYDICOM_FILES / name)]
-        assert record.get("reason_code") == code, record
+        assert record.get("reason_code") == reason_code, record
     for path in PYDICOM_FILES.glob("dicomdirtests/DICOMDIR*"):
         assert by_source[str(path)]["reason_code"] == "dicomdir"
 
