@@ -8,6 +8,7 @@ import subprocess
 import sys
 from collections import Counter
 from pathlib import Path
+from urllib.parse import parse_qs, unquote, urlparse
 
 import pydicom
 from pydicom.data import get_testdata_file
@@ -20,6 +21,17 @@ from tests.conftest import testdata
 
 def sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def bulk_bytes(uri: str) -> bytes:
+    """The bytes a `--dicom-json` BulkDataURI names (file:///path?offset=N&length=M)."""
+    parts = urlparse(uri)
+    assert parts.scheme == "file"
+    query = parse_qs(parts.query)
+    offset, length = int(query["offset"][0]), int(query["length"][0])
+    with open(unquote(parts.path), "rb") as fp:
+        fp.seek(offset)
+        return fp.read(length)
 
 
 def make_dataset(*, study: str | None = None, series: str | None = None, sop: str | None = None,

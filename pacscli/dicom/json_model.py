@@ -1,9 +1,13 @@
 """The DICOM JSON model of PS3.18 F.2, which `--dicom-json` adds to records under `dicom`.
 
 A record naming a DICOM file (`path`: what `store`, `index`, `get` and `serve` report) gets its
-file's dataset, read without its pixel data; the file meta is not part of the model. Any other
-record (a `find` match) gets the model of its own DICOM values, with each keyword's VR from the
-data dictionary.
+file's dataset, read without its pixel data; the file meta is not part of the model. A binary
+value over BULK_DATA_THRESHOLD bytes (an encapsulated PDF, a waveform, an overlay) is not
+inlined as base64 but named by a BulkDataURI: `file:///path/x.dcm?offset=N&length=M`, where
+its bytes are in the file, as the file encodes them (dcm4che's dcm2json names bulk data the
+same way); a deflated file has no such offsets, so its values stay inline. Any other record
+(a `find` match) gets the model of its own DICOM values, with each keyword's VR from the data
+dictionary.
 
 Real files hold values pydicom cannot convert (a DS of "abc", a NaN where JSON has no number
 for it): such an element is left out, at any depth, with a warning naming it, and the rest of
@@ -19,33 +23,47 @@ from pathlib import Path
 from typing import Any
 
 from pydicom import dcmread
-from pydicom.datadict import dictionary_VR, tag_for_keyword
-from pydicom.dataelem import DataElement
+from pydicom.datadict import dictionary_has_tag, dictionary_VR, tag_for_keyword
+from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
+from pydicom.filereader import read_file_meta_info
+from pydicom.uid import DeflatedExplicitVRLittleEndian
 
 from pacscli.records import Record
 
 log = logging.getLogger(__name__)
 
+# Binary values longer than this go by BulkDataURI when they come from a file (pydicom's
+# own default threshold).
+BULK_DATA_THRESHOLD = 1024
+_BINARY_VRS = frozenset({"OB", "OD", "OF", "OL", "OV", "OW", "UN"})
+_UNDEFINED_LENGTH = 0xFFFFFFFF
 
-def dataset_json(dataset: Dataset) -> dict[str, Any]:
+
+def dataset_json(dataset: Dataset, *, source: Path | None = None) -> dict[str, Any]:
     """The JSON model of `dataset`: {"00100020": {"vr": "LO", "Value": [...]}, ...}, keys in
-    tag order. An element that cannot be put in the model is left out (logged)."""
+    tag order. An element that cannot be put in the model is left out (logged). With
+    `source`, the file `dataset` was read from (not deflated), long binary values are given
+    as BulkDataURIs into it."""
     model: dict[str, Any] = {}
     with warnings.catch_warnings(action="ignore"):  # pydicom warns on odd values: the log says what counts
         for tag in sorted(dataset.keys()):
             try:
-                model[f"{tag:08X}"] = _element_json(dataset[tag])  # converted here, may raise
+                model[f"{tag:08X}"] = _element_json(dataset, tag, source)  # may raise
             except Exception as exc:  # pydicom raises many kinds on values it cannot convert
                 log.warning("--dicom-json: element %s left out: %s", tag, exc)
     return model
 
 
-def _element_json(element: DataElement) -> dict[str, Any]:
+def _element_json(dataset: Dataset, tag: int, source: Path | None) -> dict[str, Any]:
+    if source is not None and \
+            (bulk := _bulk_data(dataset.get_item(tag, keep_deferred=True), source)) is not None:
+        return bulk
+    element = dataset[tag]  # converted here, may raise
     if element.VR == "SQ":
-        items = [dataset_json(item) for item in element.value]
+        items = [dataset_json(item, source=source) for item in element.value]
         return {"vr": "SQ", "Value": items} if items else {"vr": "SQ"}
-    encoded: dict[str, Any] = element.to_json_dict(None, 1024)
+    encoded: dict[str, Any] = element.to_json_dict(None, BULK_DATA_THRESHOLD)
     values = encoded.get("Value")
     if isinstance(values, list) and any(isinstance(v, float) and not math.isfinite(v)
                                         for v in values):
@@ -53,12 +71,32 @@ def _element_json(element: DataElement) -> dict[str, Any]:
     return encoded
 
 
+def _bulk_data(raw: Any, source: Path) -> dict[str, Any] | None:
+    """The model of a long binary value not yet read from `source`: its VR and BulkDataURI;
+    None for any other element."""
+    if not isinstance(raw, RawDataElement) or raw.value_tell is None or \
+            not BULK_DATA_THRESHOLD < raw.length < _UNDEFINED_LENGTH:
+        return None
+    vr = raw.VR
+    if vr is None:  # implicit VR: the dictionary's, as pydicom reads it (OB or OW is OW there)
+        vr = dictionary_VR(raw.tag).split(" or ")[-1] if dictionary_has_tag(raw.tag) else "UN"
+    if vr not in _BINARY_VRS:
+        return None
+    return {"vr": vr,
+            "BulkDataURI": f"{source.absolute().as_uri()}?offset={raw.value_tell}&length={raw.length}"}
+
+
 def file_json(path: Path) -> dict[str, Any]:
-    """The JSON model of a DICOM file's dataset, without its pixel data. Raises whatever
-    pydicom raises on a file it cannot read."""
+    """The JSON model of a DICOM file's dataset, without its pixel data, long binary values
+    named by BulkDataURIs. Raises whatever pydicom raises on a file it cannot read."""
     with warnings.catch_warnings(action="ignore"):
-        dataset = dcmread(path, stop_before_pixels=True)
-    return dataset_json(dataset)
+        deflated = read_file_meta_info(path).get("TransferSyntaxUID") == \
+            DeflatedExplicitVRLittleEndian
+        # Long values are left unread, only their place in the file kept; a deflated file's
+        # places are in the inflated stream, so it is read whole.
+        dataset = dcmread(path, stop_before_pixels=True,
+                          defer_size=None if deflated else BULK_DATA_THRESHOLD + 1)
+    return dataset_json(dataset, source=None if deflated else path)
 
 
 def record_json(record: Record) -> dict[str, Any]:

@@ -15,7 +15,7 @@ from pydicom.data import get_testdata_file
 from pacscli.archive import layout
 from pacscli.archive.index import Index
 from tests.conftest import DCMTK_ENV, TESTDATA, pacs_cmd, require, start_server, testdata
-from tests.dicom_files import junk_folder, make_dataset, write_instance
+from tests.dicom_files import bulk_bytes, junk_folder, make_dataset, write_instance
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
@@ -88,8 +88,13 @@ def test_dicom_json(tmp_path: Path) -> None:
                   str(source), str(text))
     assert result.returncode == 0, result.stderr
     stored, skipped = sorted(lines(result), key=lambda r: str(r["status"]))
-    expected = pydicom.dcmread(source, stop_before_pixels=True).to_json_dict()
-    assert stored["status"] == "ok" and stored["dicom"] == expected
+    dataset = pydicom.dcmread(source, stop_before_pixels=True)
+    # GE's private 2 KB value is named in the archived copy, not inlined
+    bulk = stored["dicom"].pop("00431029")
+    assert bulk["BulkDataURI"].startswith(Path(stored["path"]).as_uri() + "?offset=")
+    assert bulk_bytes(bulk["BulkDataURI"]) == dataset[0x00431029].value
+    del dataset[0x00431029]
+    assert stored["status"] == "ok" and stored["dicom"] == dataset.to_json_dict()
     assert skipped["status"] == "skipped" and "dicom" not in skipped
 
 

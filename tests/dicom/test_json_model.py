@@ -2,13 +2,23 @@
 
 from __future__ import annotations
 
+import base64
 from pathlib import Path
+from typing import Any
 
 import pydicom
 import pytest
+from pydicom.uid import DeflatedExplicitVRLittleEndian, ImplicitVRLittleEndian
 
-from pacscli.dicom.json_model import dataset_json, file_json, record_json, with_dicom_json
+from pacscli.dicom.json_model import (
+    BULK_DATA_THRESHOLD,
+    dataset_json,
+    file_json,
+    record_json,
+    with_dicom_json,
+)
 from tests.conftest import testdata
+from tests.dicom_files import bulk_bytes, make_dataset, write_instance
 
 
 def test_a_file_gives_its_dataset_without_pixel_data() -> None:
@@ -19,6 +29,10 @@ def test_a_file_gives_its_dataset_without_pixel_data() -> None:
     assert "00020010" not in model  # the file meta is not part of the model
     for tag in [e.tag for e in full if e.tag >= 0x7FE00010]:  # pixel data and what follows
         del full[tag]
+    bulk = {tag for tag, element in model.items() if "BulkDataURI" in element}
+    assert bulk == {"00431029"}  # GE's private 2 KB: named, not inlined
+    assert bulk_bytes(model.pop("00431029")["BulkDataURI"]) == full[0x00431029].value
+    del full[0x00431029]
     assert model == full.to_json_dict()
     assert model["00100020"] == {"vr": "LO", "Value": ["1CT1"]}
 
@@ -89,3 +103,48 @@ def test_a_file_gone_falls_back_to_the_record(tmp_path: Path, caplog: pytest.Log
     record = {"path": str(tmp_path / "gone.dcm"), "status": "ok", "SOPInstanceUID": "1.2"}
     assert with_dicom_json(record)["dicom"] == {"00080018": {"vr": "UI", "Value": ["1.2"]}}
     assert "cannot read" in caplog.text
+
+
+def test_long_binary_values_are_named_by_bulk_data_uris_into_the_file() -> None:
+    """A waveform's samples, inside a sequence: a BulkDataURI naming their bytes in the file,
+    not 240 KB of base64 in every record."""
+    path = testdata("waveform_ecg.dcm")
+    model = file_json(path)
+    full = pydicom.dcmread(path)
+    items = model["54000100"]["Value"]
+    assert len(items) == len(full.WaveformSequence) == 2
+    for item, dataset in zip(items, full.WaveformSequence, strict=True):
+        assert set(item["54001010"]) == {"vr", "BulkDataURI"}
+        assert item["54001010"]["vr"] == "OW"
+        assert bulk_bytes(item["54001010"]["BulkDataURI"]) == dataset.WaveformData
+        assert item["003A0005"] == {"vr": "US", "Value": [dataset.NumberOfWaveformChannels]}
+
+
+@pytest.mark.parametrize("syntax", [ImplicitVRLittleEndian, DeflatedExplicitVRLittleEndian])
+def test_bulk_data_in_implicit_vr_and_deflated_files(tmp_path: Path, syntax: str) -> None:
+    """Implicit VR: the VR comes from the dictionary (UN for a private tag). Deflated: the
+    file holds no offsets of the values, so they stay inline. A value at the threshold is
+    inline either way."""
+    ds = make_dataset()
+    document = bytes(range(256)) * 20
+    ds.EncapsulatedDocument = document
+    ds.add_new(0x00091010, "LO", "PACSCLI TEST")  # a private creator, then its element
+    ds.add_new(0x00091001, "OB", document[:BULK_DATA_THRESHOLD + 2])
+    ds.add_new(0x00091002, "OB", document[:BULK_DATA_THRESHOLD])
+    path = write_instance(tmp_path / "x.dcm", ds)
+    written = pydicom.dcmread(path, force=True)
+    written.file_meta.TransferSyntaxUID = syntax
+    written.save_as(path, implicit_vr=syntax == ImplicitVRLittleEndian, little_endian=True)
+    model = file_json(path)
+
+    def value(element: dict[str, Any]) -> bytes:
+        if syntax == DeflatedExplicitVRLittleEndian:
+            assert "BulkDataURI" not in element
+            return base64.b64decode(element["InlineBinary"])
+        return bulk_bytes(element["BulkDataURI"])
+
+    assert value(model["00420011"]) == document
+    assert model["00420011"]["vr"] == "OB"
+    assert value(model["00091001"]) == document[:BULK_DATA_THRESHOLD + 2]
+    assert model["00091001"]["vr"] == ("UN" if syntax == ImplicitVRLittleEndian else "OB")
+    assert base64.b64decode(model["00091002"]["InlineBinary"]) == document[:BULK_DATA_THRESHOLD]
