@@ -44,6 +44,12 @@ def failed(error: PacsError, **fields: Any) -> Record:
     return {**fields, "status": "failed", "error": error.to_record()}
 
 
+def skipped(path: str, code: str, reason: str, **fields: Any) -> Record:
+    """A record for an input that is not an item to act on (not DICOM, a FIFO...), with why
+    in words and as a `reason_code`; not a failure."""
+    return {"path": path, **fields, "status": "skipped", "reason": reason, "reason_code": code}
+
+
 def to_json_line(record: Record) -> str:
     """One record as one line of JSON (no trailing newline).
 

@@ -15,6 +15,8 @@ and `pacs serve` read common files without loading it (~0.3 s of start-up).
 
 from __future__ import annotations
 
+import io
+import os
 import re
 import struct
 import sys
@@ -38,6 +40,7 @@ from pacscli.dicom.header import (
     collect_top_level,
     walk_top_level,
 )
+from pacscli.dicom.scan import check_part10_head
 from pacscli.dicom.uids import (
     DEFLATED_EXPLICIT_VR_LITTLE_ENDIAN,
     EXPLICIT_VR_BIG_ENDIAN,
@@ -138,7 +141,13 @@ def read_meta_values(fp: BinaryIO, vrs: dict[int, bytes] | None = None) -> tuple
     length first, implicit VR meta) goes through `read_file_meta`. Raises InvalidDicomError.
     """
     head = fp.read(144)
-    if len(head) < 144 or head[128:132] != b"DICM" or head[132:140] != _GROUP_LENGTH:
+    if head[128:132] != b"DICM":  # said as `pacs index` says it: not DICOM, empty, a raw dataset
+        try:
+            size: int | None = os.fstat(fp.fileno()).st_size
+        except (AttributeError, OSError, io.UnsupportedOperation):  # not a file
+            size = None
+        check_part10_head(head, size)
+    if len(head) < 144 or head[132:140] != _GROUP_LENGTH:
         fp.seek(0)
         meta, offset = read_file_meta(fp)
         if vrs is not None:

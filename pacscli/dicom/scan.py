@@ -198,7 +198,7 @@ class _Walker:
 
 
 def _classify_without_dicm(buf: Buffer, size: int) -> InvalidDicomError:
-    """Why a file without the DICM prefix is not indexed: a raw dataset, or not DICOM."""
+    """Why a file without the DICM prefix is not read as Part 10: a raw dataset, or not DICOM."""
     head = bytes(buf[:8])
     if len(head) >= 8:
         for fmt in ("<HH", ">HH"):
@@ -206,12 +206,12 @@ def _classify_without_dicm(buf: Buffer, size: int) -> InvalidDicomError:
             if group in (0x0002, 0x0008) and (head[4:6].isalpha() or head[6:8] == b"\x00\x00"):
                 return InvalidDicomError(
                     "a DICOM dataset without the Part 10 preamble and file meta (a raw "
-                    "dataset): not indexed", code="no-preamble")
+                    "dataset)", code="no-preamble")
     return InvalidDicomError(f"not a DICOM file (no DICM prefix at byte 128; {size} bytes)",
                              code="not-dicom")
 
 
-def _check_head(head: Buffer, size: int | None = None) -> None:
+def check_part10_head(head: Buffer, size: int | None = None) -> None:
     """Raise the InvalidDicomError of a file whose first bytes are not a Part 10 header."""
     if not head:
         raise InvalidDicomError("an empty file (0 bytes)", code="empty")
@@ -222,7 +222,7 @@ def _check_head(head: Buffer, size: int | None = None) -> None:
 def scan_part10(buf: Buffer, want: Iterable[int] = ()) -> ScanResult:
     """Check the structure of a whole Part 10 file held in `buf`; see the module's doc."""
     size = len(buf)
-    _check_head(buf[:_META_START], size)
+    check_part10_head(buf[:_META_START], size)
     # The file meta: explicit VR little endian elements of group 0002
     meta: dict[int, bytes] = {}
     pos = _META_START
@@ -311,10 +311,10 @@ class Part10File:
             if st.st_size <= _HEAD_FIRST:  # small: one read, then the checks
                 self.data = fp.read()
                 if check_head:
-                    _check_head(self.data)
+                    check_part10_head(self.data)
             else:
                 if check_head:
-                    _check_head(fp.read(_META_START), st.st_size)
+                    check_part10_head(fp.read(_META_START), st.st_size)
                 if st.st_size > _READ_LIMIT:
                     self.data = mmap.mmap(fp.fileno(), 0, access=mmap.ACCESS_READ)
                 else:

@@ -37,10 +37,11 @@ from pacscli.dicom.uids import (
     uid_name,
 )
 from pacscli.errors import InvalidDicomError, NetworkError, PacsError, UsageError
+from pacscli.inputs import not_a_file, walk
 from pacscli.net.client import ClientAssociation, request_association
 from pacscli.net.pdu import PresentationContext
 from pacscli.net.server import AssociationClosed, Context, DatasetFile, ProtocolBroken
-from pacscli.records import Record, failed
+from pacscli.records import Record, failed, skipped
 
 log = logging.getLogger(__name__)
 
@@ -177,7 +178,7 @@ def scan(path: Path) -> Instance:
             try:
                 meta, offset = read_meta_values(fp)
             except InvalidDicomError as exc:
-                raise NotDicomError(exc.message) from exc
+                raise NotDicomError(exc.message, code=exc.code) from exc
             odd_length = (os.fstat(fp.fileno()).st_size - offset) % 2 == 1
             ts_text = _meta_text(meta, "TransferSyntaxUID") or ""
             transfer_syntax = clean_uid(ts_text)
@@ -222,12 +223,17 @@ def scan(path: Path) -> Instance:
                     offset, tuple(fixes), odd, odd_length)
 
 
-def _files(path: Path) -> list[Path]:
-    """A file, or every entry but folders under a folder (recursive, sorted so runs are
-    repeatable)."""
-    if path.is_dir():
-        return sorted(p for p in path.rglob("*") if not p.is_dir())
-    return [path]
+def _files(path: Path) -> Iterator[Path | Record]:
+    """A file, or the files under a folder (recursive, in a repeatable order) and the
+    records of what in it will not be read."""
+    if not path.is_dir():
+        yield path
+        return
+    for files in walk(str(path)):
+        if isinstance(files, list):
+            yield from map(Path, files)
+        else:
+            yield files
 
 
 # Finds the archived files of a record without a path, by its UIDs (`pacs store --archive`):
@@ -275,33 +281,35 @@ def collect(records: Iterable[Record], resolve: Resolver | None = None,
         yield from _instances(_files(path))
 
 
-def _instances(files: Iterable[Path]) -> Iterator[Instance | Record]:
-    """Each file as an Instance to send, or as the record of why it will not be sent."""
+def _instances(files: Iterable[Path | Record]) -> Iterator[Instance | Record]:
+    """Each file as an Instance to send, or as the record of why it will not be sent
+    (records among `files` pass through)."""
     for file in files:
+        if not isinstance(file, Path):
+            yield file
+            continue
         try:
             mode = file.stat().st_mode
         except FileNotFoundError:
             if file.is_symlink():
-                yield {"path": str(file), "status": "skipped", "reason": "a symbolic link to nothing"}
+                yield not_a_file(str(file))
             else:  # an archived file gone missing
                 yield failed(InvalidDicomError(f"{file}: no such file", code="not-found"),
                              path=str(file))
             continue
         if not stat.S_ISREG(mode):  # never opened: reading a FIFO would wait forever
-            yield {"path": str(file), "status": "skipped",
-                   "reason": "not a regular file (a FIFO, socket or device)"}
+            yield not_a_file(str(file))
             continue
         try:
             instance = scan(file)
         except NotDicomError as exc:
-            yield {"path": str(file), "status": "skipped", "reason": exc.message}
+            yield skipped(str(file), exc.code, exc.message)
             continue
         except InvalidDicomError as exc:
             yield failed(exc, path=str(file))
             continue
         if instance.sop_class == MEDIA_STORAGE_DIRECTORY:
-            yield {"path": str(file), "status": "skipped",
-                   "reason": "a DICOMDIR (media directory), not an instance"}
+            yield skipped(str(file), "dicomdir", "a DICOMDIR (media directory), not an instance")
         else:
             yield instance
 

@@ -44,9 +44,10 @@ from pacscli.dicom.dicomdir import is_dicomdir_name, referenced_files
 from pacscli.dicom.identity import InstanceInfo, read_instance_info
 from pacscli.dicom.scan import SOP_INSTANCE_UID, Part10File, ScanResult
 from pacscli.errors import ArchiveError, ExitCode, InvalidDicomError, PacsError, UsageError
+from pacscli.inputs import not_a_file, walk
 from pacscli.ops.verify import Quarantine, archive_files
 from pacscli.ops.workers import parallel_map
-from pacscli.records import Record, failed
+from pacscli.records import Record, failed, skipped
 
 log = logging.getLogger(__name__)
 
@@ -56,11 +57,6 @@ SKIP_CODES = frozenset({"empty", "not-dicom", "no-preamble", "dicomdir", "trunca
                         "invalid-dicom", "unsafe-uid", "not-a-file"})
 # Skips that `strict` does not count as failures: a DICOMDIR is never an instance.
 LENIENT_SKIPS = frozenset({"dicomdir"})
-
-
-def skipped(path: str, code: str, message: str, **fields: object) -> Record:
-    """The record of a file that is not indexed, and why."""
-    return {"path": path, **fields, "status": "skipped", "reason": message, "reason_code": code}
 
 
 @dataclass
@@ -137,7 +133,7 @@ class _Collector:
         if stat.S_ISDIR(mode):
             self._walk(path)
         elif not stat.S_ISREG(mode):
-            self.records.append(skipped(path, "not-a-file", "not a regular file"))
+            self.records.append(not_a_file(path))
         elif is_dicomdir_name(os.path.basename(path)):
             self._dicomdir(path)
         else:
@@ -149,38 +145,18 @@ class _Collector:
             self.files.append(path)
 
     def _walk(self, top: str) -> None:
-        stack = [top]
-        while stack:
-            folder = stack.pop()
-            if _internal(self.root, folder):
+        if _internal(self.root, top):
+            return
+        for files in walk(top, exclude=lambda path: _internal(self.root, path)):
+            if not isinstance(files, list):
+                self.records.append(files)
                 continue
-            try:
-                entries = sorted(os.scandir(folder), key=lambda e: e.name)
-            except OSError as exc:
-                self.records.append(failed(PacsError(
-                    f"cannot list {folder}: {exc.strerror or exc}", code="unreadable"),
-                    path=folder))
-                continue
-            files, folders = [], []
-            for entry in entries:
-                try:
-                    if entry.is_dir(follow_symlinks=False):
-                        folders.append(entry.path)
-                    elif entry.is_file():
-                        files.append(entry.path)
-                    elif not _internal(self.root, entry.path):
-                        what = ("a link to a folder (not followed)" if entry.is_dir()
-                                else "not a regular file")
-                        self.records.append(skipped(entry.path, "not-a-file", what))
-                except OSError:
-                    self.records.append(skipped(entry.path, "not-a-file", "cannot stat"))
             for path in files:  # a DICOMDIR first: its references come in its order
                 if is_dicomdir_name(os.path.basename(path)):
                     self._dicomdir(path)
             for path in files:
                 if not is_dicomdir_name(os.path.basename(path)):
                     self.add_file(path)
-            stack.extend(reversed(folders))
 
     def _dicomdir(self, path: str) -> None:
         if path in self._seen or _internal(self.root, path):

@@ -342,22 +342,43 @@ def test_folder_with_non_dicom_file(tmp_path: Path, storescp: Storescp) -> None:
     assert len(list(out.iterdir())) == 2
 
 
-def test_folder_with_a_fifo_and_a_dangling_link(tmp_path: Path, storescp: Storescp) -> None:
-    """Each gets a skipped record saying what it is (they used to vanish silently); the FIFO,
-    given alone too, is never opened, which would wait forever."""
+def test_folder_with_a_fifo_and_links(tmp_path: Path, storescp: Storescp) -> None:
+    """Each gets a skipped record saying what it is (they used to vanish silently, a link to
+    a folder still did), the same record `pacs index` gives, as do files that are not Part 10
+    (store used to pass on pydicom's "Use force=True to force reading"); the FIFO, given
+    alone too, is never opened, which would wait forever."""
     remote, out = storescp()
     folder = tmp_path / "in"
     folder.mkdir()
     (folder / "ct.dcm").write_bytes(testdata("explicit_le").read_bytes())
     os.mkfifo(folder / "pipe")
     (folder / "dangling").symlink_to(tmp_path / "nowhere")
+    (folder / "loop").symlink_to(folder)
+    (folder / "empty").write_bytes(b"")
+    (folder / "notes.txt").write_text("not DICOM")
+    shutil.copy(testdata("ExplVR_LitEndNoMeta.dcm"), folder / "raw.dcm")
     result = pacs_store(tmp_path, remote, str(folder))
     assert result.returncode == 0, result.stderr
     by_path = {r["path"]: r for r in records(result)}
-    assert by_path[str(folder / "dangling")]["reason"] == "a symbolic link to nothing"
-    assert by_path[str(folder / "pipe")]["status"] == "skipped"
-    assert "not a regular file" in by_path[str(folder / "pipe")]["reason"]
-    assert by_path[str(folder / "ct.dcm")]["status"] == "ok"
+    assert by_path.pop(str(folder / "ct.dcm"))["status"] == "ok"
+    assert by_path == {
+        str(folder / name): {"path": str(folder / name), "status": "skipped",
+                             "reason": reason, "reason_code": code}
+        for name, code, reason in [
+            ("dangling", "not-a-file", "a symbolic link to nothing"),
+            ("empty", "empty", "an empty file (0 bytes)"),
+            ("loop", "not-a-file", "a link to a folder (not followed)"),
+            ("notes.txt", "not-dicom", "not a DICOM file (no DICM prefix at byte 128; 9 bytes)"),
+            ("pipe", "not-a-file", "not a regular file (a FIFO, socket or device)"),
+            ("raw.dcm", "no-preamble",
+             "a DICOM dataset without the Part 10 preamble and file meta (a raw dataset)")]}
+    indexed = subprocess.run(pacs_cmd("index", "--archive", str(tmp_path / "archive"),
+                                      "--format", "jsonl", str(folder)),
+                             capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL,
+                             env={**os.environ, "PACS_CONFIG": str(tmp_path / "config.toml")})
+    assert indexed.returncode == 0, indexed.stderr
+    assert [r for r in map(json.loads, indexed.stdout.splitlines())
+            if r["status"] == "skipped"] == list(by_path.values())
     alone = pacs_store(tmp_path, remote, str(folder / "pipe"))
     assert [r["status"] for r in records(alone)] == ["skipped"]
     assert len(list(out.iterdir())) == 1
