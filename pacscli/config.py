@@ -167,7 +167,7 @@ class Settings:
         return None
 
 
-_REMOTE_RE = re.compile(r"^(?P<aet>[^@]{1,16})@(?:\[(?P<ip6>[^\]]+)\]|(?P<host>[^:\[\]]+)):(?P<port>\d+)$")
+_REMOTE_RE = re.compile(r"^(?P<aet>[^@]*)@(?:\[(?P<ip6>[^\]]+)\]|(?P<host>[^:\[\]]+)):(?P<port>\d+)$")
 
 
 def validate_ae_title(value: str, what: str = "AE title") -> str:
@@ -186,7 +186,11 @@ def parse_remote(spec: str, name: str | None = None) -> Remote:
     port = int(match["port"])
     if not 1 <= port <= 65535:
         raise UsageError(f"invalid port {port} in remote {spec!r}")
-    aet = validate_ae_title(match["aet"])
+    try:
+        aet = validate_ae_title(match["aet"])
+    except UsageError:
+        raise UsageError(f"invalid remote {spec!r}: its AE title {match['aet']!r} must be 1 to "
+                         "16 characters, no backslash") from None
     return Remote(ae_title=aet, host=match["ip6"] or match["host"], port=port, name=name)
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from pacscli.config import Settings, load_settings
-from pacscli.errors import ConfigError
+from pacscli.errors import ConfigError, UsageError
 from tests.conftest import pacs_cmd
 
 
@@ -80,3 +80,23 @@ def test_a_tls_file_that_cannot_be_loaded_is_a_config_error(tmp_path: Path) -> N
     assert "cannot load the CA certificates of [tls] ca" in result.stderr
     assert "No such file or directory" in result.stderr
     assert "Traceback" not in result.stderr and result.stdout == ""
+
+
+@pytest.mark.parametrize(("spec", "says"), [
+    ("PACS@127.0.0.1:104", None),
+    ("PACS@[::1]:104", None),
+    ("TOOLONGAETITLE12345@h:104", "its AE title 'TOOLONGAETITLE12345' must be 1 to 16 characters"),
+    ("@h:104", "its AE title '' must be 1 to 16 characters"),
+    ("A\\B@h:104", "no backslash"),
+    ("PACS@h:99999", "invalid port 99999"),
+    ("PACS@h", "expected AET@HOST:PORT"),
+    ("PACSh:104", "unknown remote 'PACSh:104'"),  # taken for a name from the config
+])
+def test_a_remote_spec_says_what_is_wrong(tmp_path: Path, spec: str, says: str | None) -> None:
+    settings = load(tmp_path, "")
+    if says is None:
+        assert str(settings.remote(spec)) == spec
+        return
+    with pytest.raises(UsageError) as raised:
+        settings.remote(spec)
+    assert says in raised.value.message
