@@ -7,8 +7,11 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import io
 import json
 import logging
+import os
+import queue
 import signal
 import sys
 import threading
@@ -228,6 +231,92 @@ class Output:
     def exit_code(self) -> int:
         """0 when nothing failed, 1 when some items failed."""
         return ExitCode.PARTIAL if self.failed else ExitCode.OK
+
+
+class FdStream(io.TextIOBase):
+    """Text written straight to a file descriptor, unbuffered: a write blocked on a pipe
+    nobody reads holds no lock of Python's (sys.stdout's would stop the exit)."""
+
+    def __init__(self, fd: int) -> None:
+        super().__init__()
+        self.fd = fd
+
+    def write(self, text: str) -> int:
+        data = memoryview(text.encode("utf-8", "surrogateescape"))
+        while data:
+            data = data[os.write(self.fd, data):]
+        return len(text)
+
+    def isatty(self) -> bool:
+        return os.isatty(self.fd)
+
+    def fileno(self) -> int:
+        return self.fd
+
+
+class BackgroundOutput:
+    """An Output written by a thread of its own, for a server whose records are a courtesy
+    beside its job (`pacs serve`): `emit` never waits for the reader. Up to `backlog`
+    records wait their turn; past that, while the reader reads nothing, records are dropped
+    and stderr says how many. A reader that goes away (broken pipe) ends the writing."""
+
+    def __init__(self, out: Output, *, backlog: int = 10_000) -> None:
+        self.out = out
+        self.log = logging.getLogger("pacscli.serve")
+        self._queue: queue.Queue[Record | None] = queue.Queue(maxsize=backlog)
+        self._lock = threading.Lock()
+        self._dropped = 0  # in all
+        self._said = 0  # dropped records stderr has told of
+        self._thread = threading.Thread(target=self._write, name="records", daemon=True)
+        self._thread.start()
+
+    def emit(self, record: Record) -> None:
+        """Queue one record; drop it when the queue is full."""
+        try:
+            self._queue.put_nowait(record)
+        except queue.Full:
+            with self._lock:
+                self._dropped += 1
+                if self._dropped == self._said + 1:
+                    self.log.warning("stdout is not being read (%d records wait): records are "
+                                     "dropped until it is; receiving and archiving go on",
+                                     self._queue.maxsize)
+
+    def close(self, timeout: float = 2.0) -> None:
+        """Write what waits, then end the output, giving up after `timeout` s when the reader
+        reads nothing; stderr then says how many records were not written."""
+        with contextlib.suppress(queue.Full):
+            self._queue.put(None, timeout=timeout)
+        self._thread.join(timeout)
+        if self._thread.is_alive():
+            self.log.warning("stdout is not being read: %d records were not written",
+                             self._queue.qsize() + 1)
+        self._tell_dropped()
+
+    def _write(self) -> None:
+        while (record := self._queue.get()) is not None:
+            self._tell_dropped()
+            try:
+                self.out.emit(record)
+            except BrokenPipeError:
+                self._gone()
+                return
+        with contextlib.suppress(BrokenPipeError):
+            self.out.close()
+
+    def _tell_dropped(self) -> None:
+        with self._lock:
+            if self._dropped > self._said:
+                self.log.warning("%d records were dropped while stdout was not read",
+                                 self._dropped - self._said)
+                self._said = self._dropped
+
+    def _gone(self) -> None:
+        devnull = os.open(os.devnull, os.O_WRONLY)  # no later write to the pipe
+        os.dup2(devnull, self.out.stream.fileno())
+        os.close(devnull)
+        self.log.warning("stdout closed (broken pipe): records are no longer written; "
+                         "receiving and archiving go on")
 
 
 def _cell(value: Any) -> str:

@@ -3,20 +3,20 @@
 from __future__ import annotations
 
 import dataclasses
-import logging
-import os
 import signal
 import sys
 import threading
-from typing import Annotated
+from typing import Annotated, TextIO, cast
 
 import typer
 
 from pacscli.cli.common import (
     AetOpt,
     ArchiveOpt,
+    BackgroundOutput,
     ConfigOpt,
     DicomJsonOpt,
+    FdStream,
     FormatOpt,
     Output,
     TlsOpt,
@@ -86,30 +86,13 @@ def serve(
             storage = dataclasses.replace(storage, on_conflict=on_conflict)  # type: ignore[arg-type]
         settings = settings.with_changes(serve=serve_settings, storage=storage)
 
-        out = Output(fmt, COLUMNS, live=True, dicom_json=dicom_json)
-        lock = threading.Lock()
-        output_gone = False
-
-        def emit(record: dict[str, object]) -> None:
-            # The archive is the job, the records a courtesy: when their reader goes away
-            # (`pacs serve | jq` and jq ends), receiving goes on, and stderr says so once.
-            nonlocal output_gone
-            with lock:
-                if output_gone:
-                    return
-                try:
-                    out.emit(record)
-                except BrokenPipeError:
-                    output_gone = True
-                    devnull = os.open(os.devnull, os.O_WRONLY)  # no later write to the pipe
-                    os.dup2(devnull, sys.stdout.fileno())
-                    os.close(devnull)
-                    logging.getLogger("pacscli.serve").warning(
-                        "stdout closed (broken pipe): records are no longer written; "
-                        "receiving and archiving go on")
-
+        # The archive is the job, the records a courtesy: a reader that stops reading, or
+        # goes away (`pacs serve | jq` and jq ends), never holds up receiving.
+        stdout = cast(TextIO, FdStream(sys.stdout.fileno()))  # all of TextIO Output uses
+        out = BackgroundOutput(Output(fmt, COLUMNS, stream=stdout, live=True,
+                                      dicom_json=dicom_json))
         store = Archive(settings.archive, settings.storage)
-        server = DicomServer(settings, store, emit)
+        server = DicomServer(settings, store, out.emit)
         stop = threading.Event()
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, lambda *_: stop.set())

@@ -1,12 +1,19 @@
-"""What every command shares (pacscli.cli.common): here, keeping pydicom quiet."""
+"""What every command shares (pacscli.cli.common): keeping pydicom quiet, and serve's
+output that never waits for its reader."""
 
 from __future__ import annotations
 
+import json
+import os
 import subprocess
 import sys
+import threading
 from pathlib import Path
+from typing import TextIO, cast
 
 import pytest
+
+from pacscli.cli.common import BackgroundOutput, FdStream, Output
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -38,3 +45,31 @@ def test_quiet_pydicom_holds_when_pydicom_loads_later(verbose: int) -> None:
         assert all(word in result.stderr for word in pydicom_words), result.stderr
     else:
         assert not any(word in result.stderr for word in pydicom_words), result.stderr
+
+
+def test_background_output_drops_past_its_backlog_and_says_so(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """A reader that reads nothing: emit never waits; past the backlog, records are dropped
+    with a warning; once the reader reads again, the rest arrive in order and stderr says
+    how many were dropped."""
+    read_fd, write_fd = os.pipe()
+    try:
+        out = BackgroundOutput(Output("jsonl", [], stream=cast(TextIO, FdStream(write_fd))),
+                               backlog=5)
+        out.emit({"n": 0, "pad": "x" * 200_000})  # more than the pipe holds: the writer waits
+        for n in range(1, 21):
+            out.emit({"n": n})  # returns at once, full queue or not
+        assert "records are dropped until it is" in caplog.text
+        chunks: list[bytes] = []
+        reader = threading.Thread(target=lambda: chunks.extend(iter(lambda: os.read(read_fd, 65536), b"")))
+        reader.start()
+        out.close(timeout=10)
+    finally:
+        os.close(write_fd)
+    reader.join(10)
+    os.close(read_fd)
+    numbers = [json.loads(line)["n"] for line in b"".join(chunks).decode().splitlines()]
+    assert numbers == list(range(len(numbers)))
+    assert len(numbers) in (5, 6)  # the backlog, and the first when the writer took it early
+    dropped = 21 - len(numbers)
+    assert f"{dropped} records were dropped while stdout was not read" in caplog.text

@@ -416,6 +416,34 @@ def test_receiving_goes_on_when_the_records_reader_goes_away(tmp_path: Path) -> 
     assert err.count("stdout closed (broken pipe): records are no longer written") == 1
 
 
+def test_receiving_goes_on_when_the_records_reader_stops_reading(tmp_path: Path) -> None:
+    """`pacs serve | reader` and the reader stops reading: the pipe fills after some records,
+    yet every instance is still stored and answered at once (serve used to stop answering
+    until the sender timed out); SIGTERM still exits 0 in time, saying what was not written."""
+    (tmp_path / "config.toml").write_text("")
+    port = free_port()
+    proc = subprocess.Popen(  # stdout: a pipe nobody reads
+        pacs_cmd("serve", "--archive", str(tmp_path / "archive"), "--port", str(port),
+                 "--bind", "127.0.0.1", "--format", "jsonl"),
+        stdout=subprocess.PIPE, stderr=(tmp_path / "err").open("wb"), stdin=subprocess.DEVNULL,
+        env={**os.environ, "PACS_CONFIG": str(tmp_path / "config.toml")})
+    try:
+        wait_for_port(port, proc=proc)
+        make_ct_series(tmp_path / "ct", 400, rows=16, cols=16)  # ~700 bytes of record each
+        sent = subprocess.run([require("storescu"), "-aec", "PACSCLI", "+sd", "127.0.0.1",
+                               str(port), str(tmp_path / "ct")],
+                              capture_output=True, text=True, env=DCMTK_ENV, timeout=50)
+        assert sent.returncode == 0, sent.stderr
+        assert len(index_rows(tmp_path / "archive")) == 400
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(15) == 0
+        assert proc.stdout is not None
+        proc.stdout.close()
+    err = (tmp_path / "err").read_text()
+    assert "stdout is not being read: " in err and " records were not written" in err
+
+
 @pytest.mark.parametrize("rows", [
     1024,  # 2 MiB: received in memory, the archive write fails
     4096,  # 32 MiB: spilled to staging as it arrives, and that write fails
