@@ -388,9 +388,9 @@ def test_sigterm_aborts_an_idle_association_after_the_grace(tmp_path: Path) -> N
     assert "after the 12 s grace" in server.stderr()
 
 
-def test_receiving_goes_on_when_the_records_reader_goes_away(tmp_path: Path) -> None:
-    """`pacs serve | jq`, and jq ends: the next instances are still stored and answered, and
-    stderr says once that records are no longer written."""
+def serve_into_a_pipe(tmp_path: Path) -> tuple[subprocess.Popen[bytes], int]:
+    """`pacs serve` with its stdout a pipe for the test to read or not, stderr in
+    tmp_path/err; once it listens: the process and its port."""
     (tmp_path / "config.toml").write_text("")
     port = free_port()
     proc = subprocess.Popen(
@@ -400,6 +400,17 @@ def test_receiving_goes_on_when_the_records_reader_goes_away(tmp_path: Path) -> 
         env={**os.environ, "PACS_CONFIG": str(tmp_path / "config.toml")})
     try:
         wait_for_port(port, proc=proc)
+    except BaseException:
+        proc.kill()
+        raise
+    return proc, port
+
+
+def test_receiving_goes_on_when_the_records_reader_goes_away(tmp_path: Path) -> None:
+    """`pacs serve | jq`, and jq ends: the next instances are still stored and answered, and
+    stderr says once that records are no longer written."""
+    proc, port = serve_into_a_pipe(tmp_path)
+    try:
         assert proc.stdout is not None
         proc.stdout.close()  # the reader is gone before the first record
         files = make_ct_series(tmp_path / "ct", 3, rows=16, cols=16)
@@ -420,15 +431,8 @@ def test_receiving_goes_on_when_the_records_reader_stops_reading(tmp_path: Path)
     """`pacs serve | reader` and the reader stops reading: the pipe fills after some records,
     yet every instance is still stored and answered at once (serve used to stop answering
     until the sender timed out); SIGTERM still exits 0 in time, saying what was not written."""
-    (tmp_path / "config.toml").write_text("")
-    port = free_port()
-    proc = subprocess.Popen(  # stdout: a pipe nobody reads
-        pacs_cmd("serve", "--archive", str(tmp_path / "archive"), "--port", str(port),
-                 "--bind", "127.0.0.1", "--format", "jsonl"),
-        stdout=subprocess.PIPE, stderr=(tmp_path / "err").open("wb"), stdin=subprocess.DEVNULL,
-        env={**os.environ, "PACS_CONFIG": str(tmp_path / "config.toml")})
+    proc, port = serve_into_a_pipe(tmp_path)  # a pipe nobody reads
     try:
-        wait_for_port(port, proc=proc)
         make_ct_series(tmp_path / "ct", 400, rows=16, cols=16)  # ~700 bytes of record each
         sent = subprocess.run([require("storescu"), "-aec", "PACSCLI", "+sd", "127.0.0.1",
                                str(port), str(tmp_path / "ct")],
