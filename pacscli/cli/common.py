@@ -267,11 +267,14 @@ class BackgroundOutput:
         self._lock = threading.Lock()
         self._dropped = 0  # in all
         self._said = 0  # dropped records stderr has told of
+        self._gone = False  # the reader went away: records are no longer queued
         self._thread = threading.Thread(target=self._write, name="records", daemon=True)
         self._thread.start()
 
     def emit(self, record: Record) -> None:
         """Queue one record; drop it when the queue is full."""
+        if self._gone:
+            return
         try:
             self._queue.put_nowait(record)
         except queue.Full:
@@ -285,12 +288,13 @@ class BackgroundOutput:
     def close(self, timeout: float = 2.0) -> None:
         """Write what waits, then end the output, giving up after `timeout` s when the reader
         reads nothing; stderr then says how many records were not written."""
-        with contextlib.suppress(queue.Full):
-            self._queue.put(None, timeout=timeout)
-        self._thread.join(timeout)
-        if self._thread.is_alive():
-            self.log.warning("stdout is not being read: %d records were not written",
-                             self._queue.qsize() + 1)
+        if not self._gone:
+            with contextlib.suppress(queue.Full):
+                self._queue.put(None, timeout=timeout)
+            self._thread.join(timeout)
+            if self._thread.is_alive() and not self._gone:
+                self.log.warning("stdout is not being read: %d records were not written",
+                                 self._queue.qsize() + 1)
         self._tell_dropped()
 
     def _write(self) -> None:
@@ -299,7 +303,7 @@ class BackgroundOutput:
             try:
                 self.out.emit(record)
             except BrokenPipeError:
-                self._gone()
+                self._reader_gone()
                 return
         with contextlib.suppress(BrokenPipeError):
             self.out.close()
@@ -311,7 +315,8 @@ class BackgroundOutput:
                                  self._dropped - self._said)
                 self._said = self._dropped
 
-    def _gone(self) -> None:
+    def _reader_gone(self) -> None:
+        self._gone = True
         devnull = os.open(os.devnull, os.O_WRONLY)  # no later write to the pipe
         os.dup2(devnull, self.out.stream.fileno())
         os.close(devnull)

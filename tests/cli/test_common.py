@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 from typing import TextIO, cast
 
@@ -73,3 +74,27 @@ def test_background_output_drops_past_its_backlog_and_says_so(
     assert len(numbers) in (5, 6)  # the backlog, and the first when the writer took it early
     dropped = 21 - len(numbers)
     assert f"{dropped} records were dropped while stdout was not read" in caplog.text
+
+
+def test_background_output_ends_quietly_when_its_reader_goes_away(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """A broken pipe: one warning, then records are let go without queuing, without the
+    warnings of a reader that only stopped reading, and close() does not wait."""
+    read_fd, write_fd = os.pipe()
+    os.close(read_fd)
+    try:
+        out = BackgroundOutput(Output("jsonl", [], stream=cast(TextIO, FdStream(write_fd))),
+                               backlog=5)
+        out.emit({"n": 0})
+        deadline = time.monotonic() + 10
+        while "broken pipe" not in caplog.text and time.monotonic() < deadline:
+            time.sleep(0.01)  # the writer meets the broken pipe
+        for n in range(1, 50):
+            out.emit({"n": n})
+        started = time.monotonic()
+        out.close(timeout=5)
+        assert time.monotonic() - started < 1
+    finally:
+        os.close(write_fd)
+    assert caplog.text.count("stdout closed (broken pipe): records are no longer written") == 1
+    assert "not being read" not in caplog.text and "dropped" not in caplog.text
