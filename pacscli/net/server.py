@@ -654,10 +654,13 @@ class AssociationServer:
         return 2 * self.config.max_associations + 16
 
     def _run(self, assoc: Association) -> None:
+        # One ACSE timeout for the TLS handshake and the association request together: a
+        # client slow in the one and then silent in the other held the connection twice as long.
+        deadline = time.monotonic() + self.config.acse_timeout
         try:
             if self.config.tls is not None and not self._handshake(assoc, self.config.tls):
                 return
-            if not self._negotiate(assoc):
+            if not self._negotiate(assoc, deadline):
                 return
             assoc.sock.settimeout(self.config.network_timeout)
             while True:
@@ -717,9 +720,9 @@ class AssociationServer:
             return False
         return True
 
-    def _negotiate(self, assoc: Association) -> bool:
-        """Read the A-ASSOCIATE-RQ and accept or reject it."""
-        assoc.deadline = time.monotonic() + self.config.acse_timeout
+    def _negotiate(self, assoc: Association, deadline: float) -> bool:
+        """Read the A-ASSOCIATE-RQ by `deadline` (monotonic) and accept or reject it."""
+        assoc.deadline = deadline
         try:
             pdu_type, body = assoc.recv_pdu()
         except (AssociationClosed, TimeoutError, OSError) as exc:

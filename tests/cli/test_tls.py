@@ -4,6 +4,7 @@ find and get against `pacs serve --tls`, and what each side says when a handshak
 
 from __future__ import annotations
 
+import contextlib
 import json
 import subprocess
 from collections.abc import Iterator
@@ -310,3 +311,32 @@ def test_move_from_serve_to_a_tls_destination(tmp_path: Path, pki: Pki,
     [arrived] = list(received.iterdir())
     source = testdata("explicit_le")
     assert pydicom.dcmread(arrived).SOPInstanceUID == pydicom.dcmread(source).SOPInstanceUID
+
+
+def test_serve_gives_the_handshake_and_the_association_request_one_acse_timeout(
+        tmp_path: Path, pki: Pki) -> None:
+    """A client slow in the TLS handshake, then silent: serve closes the connection one ACSE
+    timeout after it came, not a second one after the handshake."""
+    import socket
+    import ssl
+    import time
+
+    tls_config(tmp_path / "serve", pki.server_cert, pki.server_key, pki.ca,
+               extra="[network]\nacse_timeout = 2\n")
+    server = start_server(tmp_path / "serve", "--tls")
+    try:
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        context.load_verify_locations(pki.ca)
+        context.load_cert_chain(pki.client_cert, pki.client_key)
+        context.check_hostname = False
+        started = time.monotonic()
+        with socket.create_connection(("127.0.0.1", server.port)) as raw:
+            time.sleep(1.4)  # slow to begin the handshake
+            with context.wrap_socket(raw) as sock:
+                sock.settimeout(10)
+                with contextlib.suppress(OSError):  # closed, or reset: either way it ends
+                    assert sock.recv(1) == b""
+        waited = time.monotonic() - started
+    finally:
+        server.stop()
+    assert 1.9 < waited < 2.7, waited
