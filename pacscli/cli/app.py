@@ -6,6 +6,9 @@ pynetdicom) load inside the command, so `pacs --help` and completion stay instan
 
 from __future__ import annotations
 
+import os
+import sys
+
 import typer
 
 from pacscli import __version__
@@ -45,6 +48,24 @@ app.command("verify")(verify.verify)
 app.command("store")(store.store)
 
 
+def _open_standard_streams() -> None:
+    """Make a closed stdin, stdout or stderr (`pacs serve >&-`) /dev/null: records and logs
+    then go nowhere, rather than into whatever file the command opens next and gets that
+    number for (an index, an archived instance), and the command does not crash."""
+    for fd, name in ((0, "stdin"), (1, "stdout"), (2, "stderr")):
+        try:
+            os.fstat(fd)
+        except OSError:
+            devnull = os.open(os.devnull, os.O_RDWR)  # the lowest free number: this one
+            if devnull != fd:
+                os.dup2(devnull, fd)
+                os.close(devnull)
+        if getattr(sys, name) is None:
+            setattr(sys, name, open(fd, "r" if fd == 0 else "w", closefd=False,  # noqa: SIM115
+                                    encoding="utf-8", errors="backslashreplace"))
+
+
 def main() -> None:
     """Entry point of the `pacs` executable."""
+    _open_standard_streams()
     app()

@@ -12,12 +12,14 @@ import json
 import logging
 import os
 import queue
+import select
 import signal
 import sys
 import threading
+import time
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import Annotated, Any, NoReturn, TextIO, TypeVar
+from typing import Annotated, Any, NoReturn, TextIO, TypeVar, cast
 
 import typer
 
@@ -209,8 +211,8 @@ class Output:
     def close(self) -> None:
         """Print what was kept: the table, or the JSON array."""
         if self.format == "json":
-            json.dump(self.rows, self.stream, ensure_ascii=False, indent=2, default=str)
-            self.stream.write("\n")
+            # one write: json.dump writes piece by piece, slow on an unbuffered stream
+            self.stream.write(json.dumps(self.rows, ensure_ascii=False, indent=2, default=str) + "\n")
         elif self.format == "table" and not self.live and self.rows:
             from rich.console import Console
             from rich.table import Table
@@ -235,16 +237,24 @@ class Output:
 
 class FdStream(io.TextIOBase):
     """Text written straight to a file descriptor, unbuffered: a write blocked on a pipe
-    nobody reads holds no lock of Python's (sys.stdout's would stop the exit)."""
+    nobody reads holds no lock of Python's (sys.stdout's would stop the exit). `written`
+    counts the bytes written, for whoever waits on a writer to know it still moves."""
 
     def __init__(self, fd: int) -> None:
         super().__init__()
         self.fd = fd
+        self.written = 0
 
     def write(self, text: str) -> int:
         data = memoryview(text.encode("utf-8", "surrogateescape"))
         while data:
-            data = data[os.write(self.fd, data):]
+            try:
+                done = os.write(self.fd, data)
+            except BlockingIOError:  # a non-blocking descriptor: wait until it takes more
+                select.select([], [self.fd], [])
+                continue
+            data = data[done:]
+            self.written += done
         return len(text)
 
     def isatty(self) -> bool:
@@ -255,28 +265,39 @@ class FdStream(io.TextIOBase):
 
 
 class BackgroundOutput:
-    """An Output written by a thread of its own, for a server whose records are a courtesy
-    beside its job (`pacs serve`): `emit` never waits for the reader. Up to `backlog`
-    records wait their turn; past that, while the reader reads nothing, records are dropped
-    and stderr says how many. A reader that goes away (broken pipe) ends the writing."""
+    """Records rendered onto a file descriptor by a thread of their own, for a server whose
+    records are a courtesy beside its job (`pacs serve`): `emit` never waits for the reader.
 
-    def __init__(self, out: Output, *, backlog: int = 10_000) -> None:
-        self.out = out
+    Up to `backlog` records wait their turn; past that, while the reader reads nothing,
+    records are dropped and stderr says how many. A reader that goes away (broken pipe), or
+    any other write error, ends the writing, and stderr says why.
+    """
+
+    def __init__(self, fmt: str | None, columns: list[str], *, fd: int, dicom_json: bool = False,
+                 backlog: int = 10_000) -> None:
+        self.stream = FdStream(fd)
+        # cast: FdStream has all of TextIO that Output uses
+        self.out = Output(fmt, columns, stream=cast(TextIO, self.stream), live=True,
+                          dicom_json=dicom_json)
         self.log = logging.getLogger("pacscli.serve")
         self._queue: queue.Queue[Record | None] = queue.Queue(maxsize=backlog)
         self._lock = threading.Lock()
+        self._queued = 0  # records taken in
+        self._written = 0  # records written (or let go once writing ended)
         self._dropped = 0  # in all
         self._said = 0  # dropped records stderr has told of
-        self._gone = False  # the reader went away: records are no longer queued
+        self._ended = False  # no more writing: the reader went away, or a write failed
         self._thread = threading.Thread(target=self._write, name="records", daemon=True)
         self._thread.start()
 
     def emit(self, record: Record) -> None:
         """Queue one record; drop it when the queue is full."""
-        if self._gone:
+        if self._ended:
             return
         try:
             self._queue.put_nowait(record)
+            with self._lock:
+                self._queued += 1
         except queue.Full:
             with self._lock:
                 self._dropped += 1
@@ -285,28 +306,38 @@ class BackgroundOutput:
                                      "dropped until it is; receiving and archiving go on",
                                      self._queue.maxsize)
 
-    def close(self, timeout: float = 2.0) -> None:
-        """Write what waits, then end the output, giving up after `timeout` s when the reader
-        reads nothing; stderr then says how many records were not written."""
-        if not self._gone:
+    def close(self, deadline: float, stall: float = 2.0) -> None:
+        """Write what waits and end the output (a JSON array's end, say): as long as the
+        writing moves on, until `deadline` (time.monotonic()); sooner when nothing was
+        written for `stall` s. stderr then says how many records were not written."""
+        if not self._ended:
+            self._wait_moving(lambda: self._queue.full(), deadline, stall)
             with contextlib.suppress(queue.Full):
-                self._queue.put(None, timeout=timeout)
-            self._thread.join(timeout)
-            if self._thread.is_alive() and not self._gone:
-                self.log.warning("stdout is not being read: %d records were not written",
-                                 self._queue.qsize() + 1)
+                self._queue.put_nowait(None)
+                self._wait_moving(self._thread.is_alive, deadline, stall)
+            if self._thread.is_alive() and not self._ended:
+                # a JSON array is written whole at the end
+                kept = self._queued if self.out.format == "json" else self._queued - self._written
+                self.log.warning("stdout is not being read: %d records were not written", kept)
         self._tell_dropped()
 
+    def _wait_moving(self, waiting: Callable[[], bool], deadline: float, stall: float) -> None:
+        """Wait while `waiting()` and the writer moves on, until `deadline`."""
+        progress, moved = (self._written, self.stream.written), time.monotonic()
+        while waiting() and time.monotonic() < min(deadline, moved + stall):
+            time.sleep(0.05)
+            if (self._written, self.stream.written) != progress:
+                progress, moved = (self._written, self.stream.written), time.monotonic()
+
     def _write(self) -> None:
-        while (record := self._queue.get()) is not None:
-            self._tell_dropped()
-            try:
+        try:
+            while (record := self._queue.get()) is not None:
+                self._tell_dropped()
                 self.out.emit(record)
-            except BrokenPipeError:
-                self._reader_gone()
-                return
-        with contextlib.suppress(BrokenPipeError):
+                self._written += 1
             self.out.close()
+        except Exception as exc:  # a write error mostly; whatever it is, writing ends here
+            self._end(exc)
 
     def _tell_dropped(self) -> None:
         with self._lock:
@@ -315,13 +346,18 @@ class BackgroundOutput:
                                  self._dropped - self._said)
                 self._said = self._dropped
 
-    def _reader_gone(self) -> None:
-        self._gone = True
-        devnull = os.open(os.devnull, os.O_WRONLY)  # no later write to the pipe
-        os.dup2(devnull, self.out.stream.fileno())
+    def _end(self, exc: Exception) -> None:
+        self._ended = True
+        devnull = os.open(os.devnull, os.O_WRONLY)  # no later write to the pipe or file
+        os.dup2(devnull, self.stream.fd)
         os.close(devnull)
-        self.log.warning("stdout closed (broken pipe): records are no longer written; "
-                         "receiving and archiving go on")
+        if isinstance(exc, BrokenPipeError):
+            why = "stdout closed (broken pipe)"
+        elif isinstance(exc, OSError):
+            why = f"cannot write to stdout ({exc.strerror or exc})"
+        else:
+            why = f"cannot write a record ({type(exc).__name__}: {exc})"
+        self.log.warning("%s: records are no longer written; receiving and archiving go on", why)
 
 
 def _cell(value: Any) -> str:

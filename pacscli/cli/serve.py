@@ -6,7 +6,8 @@ import dataclasses
 import signal
 import sys
 import threading
-from typing import Annotated, TextIO, cast
+import time
+from typing import Annotated
 
 import typer
 
@@ -16,9 +17,7 @@ from pacscli.cli.common import (
     BackgroundOutput,
     ConfigOpt,
     DicomJsonOpt,
-    FdStream,
     FormatOpt,
-    Output,
     TlsOpt,
     VerboseOpt,
     get_settings,
@@ -88,9 +87,7 @@ def serve(
 
         # The archive is the job, the records a courtesy: a reader that stops reading, or
         # goes away (`pacs serve | jq` and jq ends), never holds up receiving.
-        stdout = cast(TextIO, FdStream(sys.stdout.fileno()))  # all of TextIO Output uses
-        out = BackgroundOutput(Output(fmt, COLUMNS, stream=stdout, live=True,
-                                      dicom_json=dicom_json))
+        out = BackgroundOutput(fmt, COLUMNS, fd=sys.stdout.fileno(), dicom_json=dicom_json)
         store = Archive(settings.archive, settings.storage)
         server = DicomServer(settings, store, out.emit)
         stop = threading.Event()
@@ -100,14 +97,18 @@ def serve(
                                    port if port is not None else serve_settings.port)
         typer.echo(f"pacs serve: {settings.ae_title} listening on {host or '*'}:{bound}, "
                    f"archive {store.root}", err=True)
+        stopping: float | None = None
         try:
             while not stop.wait(0.5):
                 pass
+            stopping = time.monotonic()
             typer.echo("pacs serve: stopping; letting transfers in flight finish", err=True)
             server.stop(grace=12.0)
         finally:
             store.close()
-            out.close()
+            # the records that wait, written while the writing moves on, within the 15 s a
+            # stop may take
+            out.close(deadline=(stopping or time.monotonic()) + 13.5)
         return 0
 
     raise typer.Exit(run(body))

@@ -10,11 +10,10 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import TextIO, cast
 
 import pytest
 
-from pacscli.cli.common import BackgroundOutput, FdStream, Output
+from pacscli.cli.common import BackgroundOutput
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -48,6 +47,12 @@ def test_quiet_pydicom_holds_when_pydicom_loads_later(verbose: int) -> None:
         assert not any(word in result.stderr for word in pydicom_words), result.stderr
 
 
+def wait_for(text: str, caplog: pytest.LogCaptureFixture) -> None:
+    deadline = time.monotonic() + 10
+    while text not in caplog.text and time.monotonic() < deadline:
+        time.sleep(0.01)
+
+
 def test_background_output_drops_past_its_backlog_and_says_so(
         caplog: pytest.LogCaptureFixture) -> None:
     """A reader that reads nothing: emit never waits; past the backlog, records are dropped
@@ -55,8 +60,7 @@ def test_background_output_drops_past_its_backlog_and_says_so(
     how many were dropped."""
     read_fd, write_fd = os.pipe()
     try:
-        out = BackgroundOutput(Output("jsonl", [], stream=cast(TextIO, FdStream(write_fd))),
-                               backlog=5)
+        out = BackgroundOutput("jsonl", [], fd=write_fd, backlog=5)
         out.emit({"n": 0, "pad": "x" * 200_000})  # more than the pipe holds: the writer waits
         for n in range(1, 21):
             out.emit({"n": n})  # returns at once, full queue or not
@@ -64,7 +68,7 @@ def test_background_output_drops_past_its_backlog_and_says_so(
         chunks: list[bytes] = []
         reader = threading.Thread(target=lambda: chunks.extend(iter(lambda: os.read(read_fd, 65536), b"")))
         reader.start()
-        out.close(timeout=10)
+        out.close(deadline=time.monotonic() + 10)
     finally:
         os.close(write_fd)
     reader.join(10)
@@ -74,27 +78,79 @@ def test_background_output_drops_past_its_backlog_and_says_so(
     assert len(numbers) in (5, 6)  # the backlog, and the first when the writer took it early
     dropped = 21 - len(numbers)
     assert f"{dropped} records were dropped while stdout was not read" in caplog.text
+    assert "not written" not in caplog.text
 
 
-def test_background_output_ends_quietly_when_its_reader_goes_away(
+def test_background_output_gives_up_on_a_stuck_reader_in_time(
         caplog: pytest.LogCaptureFixture) -> None:
-    """A broken pipe: one warning, then records are let go without queuing, without the
-    warnings of a reader that only stopped reading, and close() does not wait."""
+    """close() waits while the writing moves on, but not past its deadline, nor long once it
+    stalls; stderr counts the records not written, the one stuck in the pipe included."""
     read_fd, write_fd = os.pipe()
-    os.close(read_fd)
     try:
-        out = BackgroundOutput(Output("jsonl", [], stream=cast(TextIO, FdStream(write_fd))),
-                               backlog=5)
+        out = BackgroundOutput("jsonl", [], fd=write_fd, backlog=5)
+        out.emit({"n": 0, "pad": "x" * 200_000})  # stuck in the pipe: the reader reads nothing
+        for n in range(1, 4):
+            out.emit({"n": n})
+        started = time.monotonic()
+        out.close(deadline=started + 0.5, stall=5)
+        assert time.monotonic() - started < 1.5
+        started = time.monotonic()
+        out.close(deadline=started + 10, stall=0.3)
+        assert time.monotonic() - started < 1.5
+    finally:
+        os.close(read_fd)
+        os.close(write_fd)
+    assert "stdout is not being read: 4 records were not written" in caplog.text
+
+
+@pytest.mark.parametrize("fmt", ["jsonl", "json", "csv"])
+def test_background_output_into_a_file_writes_every_record(tmp_path: Path, fmt: str) -> None:
+    """Into a file nothing is dropped or cut short, a JSON array of 20,000 records
+    included, written at the end in one piece."""
+    path = tmp_path / f"out.{fmt}"
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT)
+    try:
+        out = BackgroundOutput(fmt, ["n"], fd=fd, backlog=25_000)
+        for n in range(20_000):
+            out.emit({"n": n, "status": "ok"})
+        out.close(deadline=time.monotonic() + 30)
+    finally:
+        os.close(fd)
+    text = path.read_text()
+    if fmt == "json":
+        numbers = [r["n"] for r in json.loads(text)]
+    elif fmt == "jsonl":
+        numbers = [json.loads(line)["n"] for line in text.splitlines()]
+    else:
+        numbers = [int(line) for line in text.splitlines()[1:]]
+    assert numbers == list(range(20_000))
+
+
+@pytest.mark.parametrize(("target", "says"), [
+    ("pipe", "stdout closed (broken pipe)"),
+    ("/dev/full", "cannot write to stdout (No space left on device)"),
+])
+def test_background_output_ends_with_one_warning_when_writing_fails(
+        caplog: pytest.LogCaptureFixture, target: str, says: str) -> None:
+    """A reader gone, a full disk: one warning (no traceback), then records are let go
+    without queuing, without the warnings of a reader that only stopped reading, and
+    close() does not wait."""
+    if target == "pipe":
+        read_fd, fd = os.pipe()
+        os.close(read_fd)
+    else:
+        fd = os.open(target, os.O_WRONLY)
+    try:
+        out = BackgroundOutput("jsonl", [], fd=fd, backlog=5)
         out.emit({"n": 0})
-        deadline = time.monotonic() + 10
-        while "broken pipe" not in caplog.text and time.monotonic() < deadline:
-            time.sleep(0.01)  # the writer meets the broken pipe
+        wait_for(says, caplog)
         for n in range(1, 50):
             out.emit({"n": n})
         started = time.monotonic()
-        out.close(timeout=5)
+        out.close(deadline=started + 5)
         assert time.monotonic() - started < 1
     finally:
-        os.close(write_fd)
-    assert caplog.text.count("stdout closed (broken pipe): records are no longer written") == 1
+        os.close(fd)
+    assert caplog.text.count(f"{says}: records are no longer written") == 1
     assert "not being read" not in caplog.text and "dropped" not in caplog.text
+    assert "Traceback" not in caplog.text

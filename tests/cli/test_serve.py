@@ -443,9 +443,28 @@ def test_receiving_goes_on_when_the_records_reader_stops_reading(tmp_path: Path)
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(15) == 0
         assert proc.stdout is not None
+        written = proc.stdout.read().count(b"\n")  # what the pipe held
         proc.stdout.close()
+    assert 0 < written < 400
     err = (tmp_path / "err").read_text()
-    assert "stdout is not being read: " in err and " records were not written" in err
+    assert f"stdout is not being read: {400 - written} records were not written" in err
+
+
+def test_serve_with_stdout_closed_stores_and_keeps_the_index_whole(tmp_path: Path) -> None:
+    """`pacs serve >&-`: it used to stop with a traceback; a file it opened could also have
+    taken descriptor 1 and got the records. Now records go nowhere, and all else works."""
+    server = start_server(tmp_path / "serve", preexec=lambda: os.close(1))
+    try:
+        files = make_ct_series(tmp_path / "ct", 3, rows=16, cols=16)
+        assert dcmsend(server, *files).returncode == 0
+    finally:
+        assert server.stop() == 0
+    assert "Traceback" not in server.stderr()
+    assert len(index_rows(server.archive)) == 3
+    with sqlite3.connect(server.archive / "index.sqlite") as db:
+        assert db.execute("PRAGMA integrity_check").fetchone() == ("ok",)
+    for path in archived_files(server.archive):
+        assert pydicom.dcmread(path).SOPInstanceUID in path.name
 
 
 @pytest.mark.parametrize("rows", [
