@@ -5,9 +5,9 @@ file's dataset, read without its pixel data; the file meta is not part of the mo
 value over BULK_DATA_THRESHOLD bytes (an encapsulated PDF, a waveform, an overlay) is not
 inlined as base64 but named by a BulkDataURI: `file:///path/x.dcm?offset=N&length=M`, where
 its bytes are in the file, as the file encodes them (dcm4che's dcm2json names bulk data the
-same way); a deflated file has no such offsets, so its values stay inline. Any other record
-(a `find` match) gets the model of its own DICOM values, with each keyword's VR from the data
-dictionary.
+same way); a deflated file has no such offsets, so its values stay inline, as do values of
+undefined length (encapsulated). Any other record (a `find` match) gets the model of its own
+DICOM values, with each keyword's VR from the data dictionary.
 
 Real files hold values pydicom cannot convert (a DS of "abc", a NaN where JSON has no number
 for it): such an element is left out, at any depth, with a warning naming it, and the rest of
@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from pydicom import dcmread
-from pydicom.datadict import dictionary_has_tag, dictionary_VR, tag_for_keyword
+from pydicom.datadict import dictionary_VR, tag_for_keyword
 from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.filereader import read_file_meta_info
@@ -40,50 +40,50 @@ _BINARY_VRS = frozenset({"OB", "OD", "OF", "OL", "OV", "OW", "UN"})
 _UNDEFINED_LENGTH = 0xFFFFFFFF
 
 
-def dataset_json(dataset: Dataset, *, source: Path | None = None) -> dict[str, Any]:
+def dataset_json(dataset: Dataset, *, source: Path | None = None, base: int = 0) -> dict[str, Any]:
     """The JSON model of `dataset`: {"00100020": {"vr": "LO", "Value": [...]}, ...}, keys in
     tag order. An element that cannot be put in the model is left out (logged). With
     `source`, the file `dataset` was read from (not deflated), long binary values are given
-    as BulkDataURIs into it."""
+    as BulkDataURIs into it; `base` is where the offsets pydicom gives its elements start in
+    that file (inside a sequence, see _element_json)."""
     model: dict[str, Any] = {}
     with warnings.catch_warnings(action="ignore"):  # pydicom warns on odd values: the log says what counts
         for tag in sorted(dataset.keys()):
             try:
-                model[f"{tag:08X}"] = _element_json(dataset, tag, source)  # may raise
+                model[f"{tag:08X}"] = _element_json(dataset, tag, source, base)  # may raise
             except Exception as exc:  # pydicom raises many kinds on values it cannot convert
                 log.warning("--dicom-json: element %s left out: %s", tag, exc)
     return model
 
 
-def _element_json(dataset: Dataset, tag: int, source: Path | None) -> dict[str, Any]:
-    if source is not None and \
-            (bulk := _bulk_data(dataset.get_item(tag, keep_deferred=True), source)) is not None:
-        return bulk
-    element = dataset[tag]  # converted here, may raise
+def _element_json(dataset: Dataset, tag: int, source: Path | None, base: int) -> dict[str, Any]:
+    raw = dataset.get_item(tag, keep_deferred=True)  # before conversion: where its value is
+    element = dataset[tag]  # converted here, with the VR pydicom settles on; may raise
+    at = None  # the value's offset in `source`, when known
+    if source is not None and isinstance(raw, RawDataElement) and raw.value_tell is not None:
+        at = base + raw.value_tell
     if element.VR == "SQ":
-        items = [dataset_json(item, source=source) for item in element.value]
+        # pydicom reads the items of a sequence of undefined length from the file as it goes
+        # (their offsets count from where this element's do), those of a defined length from
+        # its value alone (from where that value is)
+        items_base = None
+        if source is not None and element.is_undefined_length:
+            items_base = base
+        elif at is not None and raw.length != _UNDEFINED_LENGTH:
+            items_base = at
+        items = [dataset_json(item, source=source if items_base is not None else None,
+                              base=items_base or 0) for item in element.value]
         return {"vr": "SQ", "Value": items} if items else {"vr": "SQ"}
+    if at is not None and source is not None and element.VR in _BINARY_VRS and \
+            BULK_DATA_THRESHOLD < raw.length < _UNDEFINED_LENGTH:
+        return {"vr": element.VR,
+                "BulkDataURI": f"{source.absolute().as_uri()}?offset={at}&length={raw.length}"}
     encoded: dict[str, Any] = element.to_json_dict(None, BULK_DATA_THRESHOLD)
     values = encoded.get("Value")
     if isinstance(values, list) and any(isinstance(v, float) and not math.isfinite(v)
                                         for v in values):
         raise ValueError("a number JSON cannot hold (NaN or infinity)")
     return encoded
-
-
-def _bulk_data(raw: Any, source: Path) -> dict[str, Any] | None:
-    """The model of a long binary value not yet read from `source`: its VR and BulkDataURI;
-    None for any other element."""
-    if not isinstance(raw, RawDataElement) or raw.value_tell is None or \
-            not BULK_DATA_THRESHOLD < raw.length < _UNDEFINED_LENGTH:
-        return None
-    vr = raw.VR
-    if vr is None:  # implicit VR: the dictionary's, as pydicom reads it (OB or OW is OW there)
-        vr = dictionary_VR(raw.tag).split(" or ")[-1] if dictionary_has_tag(raw.tag) else "UN"
-    if vr not in _BINARY_VRS:
-        return None
-    return {"vr": vr,
-            "BulkDataURI": f"{source.absolute().as_uri()}?offset={raw.value_tell}&length={raw.length}"}
 
 
 def file_json(path: Path) -> dict[str, Any]:

@@ -8,7 +8,14 @@ from typing import Any
 
 import pydicom
 import pytest
-from pydicom.uid import DeflatedExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pydicom.dataset import Dataset
+from pydicom.filewriter import dcmwrite
+from pydicom.uid import (
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRBigEndian,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+)
 
 from pacscli.dicom.json_model import (
     BULK_DATA_THRESHOLD,
@@ -148,3 +155,80 @@ def test_bulk_data_in_implicit_vr_and_deflated_files(tmp_path: Path, syntax: str
     assert value(model["00091001"]) == document[:BULK_DATA_THRESHOLD + 2]
     assert model["00091001"]["vr"] == ("UN" if syntax == ImplicitVRLittleEndian else "OB")
     assert base64.b64decode(model["00091002"]["InlineBinary"]) == document[:BULK_DATA_THRESHOLD]
+
+
+def assert_bulk_data_is_in_place(model: dict[str, Any], dataset: pydicom.Dataset) -> int:
+    """Check that each BulkDataURI of `model`, at any depth, names the bytes of pydicom's
+    value for its element; return how many there were."""
+    found = 0
+    for key, element in model.items():
+        tag = int(key, 16)
+        if "BulkDataURI" in element:
+            assert bulk_bytes(element["BulkDataURI"]) == dataset[tag].value, key
+            found += 1
+        elif element["vr"] == "SQ":
+            for item, item_dataset in zip(element.get("Value", []), dataset[tag].value,
+                                          strict=True):
+                found += assert_bulk_data_is_in_place(item, item_dataset)
+    return found
+
+
+def test_bulk_data_in_a_sequence_of_defined_length() -> None:
+    """pydicom counts the offsets of elements in such a sequence from its value: the icon
+    image's pixel data was named 958 bytes into the file, where a UID is."""
+    path = testdata("examples_overlay.dcm")
+    model = file_json(path)
+    assert assert_bulk_data_is_in_place(model, pydicom.dcmread(path)) == 3
+    assert "BulkDataURI" in model["00880200"]["Value"][0]["7FE00010"]
+
+
+@pytest.mark.parametrize("syntax", [ExplicitVRLittleEndian, ImplicitVRLittleEndian,
+                                    ExplicitVRBigEndian])
+def test_bulk_data_in_nested_sequences(tmp_path: Path, syntax: str) -> None:
+    """Defined-length sequences within one another, and one of undefined length among
+    them: every offset is the file's."""
+    def item(payload: bytes, inner: list[Dataset] | None = None,
+             defined: bool = True) -> Dataset:
+        ds = Dataset()
+        ds.add_new(0x00420011, "OB", payload)  # EncapsulatedDocument
+        if inner is not None:
+            ds.ReferencedImageSequence = inner
+            ds["ReferencedImageSequence"].is_undefined_length = not defined
+            for it in inner:
+                it.is_undefined_length_sequence_item = not defined
+        return ds
+
+    ds = make_dataset()
+    deepest = item(b"\x03" * 2048)
+    middle = item(b"\x02" * 1500, [deepest], defined=False)
+    ds.ContentSequence = [item(b"\x01" * 1200, [middle])]
+    ds["ContentSequence"].is_undefined_length = False
+    ds.ContentSequence[0].is_undefined_length_sequence_item = False
+    path = write_instance(tmp_path / "x.dcm", ds)
+    written = pydicom.dcmread(path, force=True)
+    written.file_meta.TransferSyntaxUID = syntax
+    dcmwrite(path, written, implicit_vr=syntax == ImplicitVRLittleEndian,
+             little_endian=syntax != ExplicitVRBigEndian, force_encoding=True)
+    assert pydicom.dcmread(path).get_item(0x0040A730).length != 0xFFFFFFFF  # defined, as meant
+    model = file_json(path)
+    assert assert_bulk_data_is_in_place(model, pydicom.dcmread(path)) == 3
+
+
+def test_a_vr_pydicom_settles_decides_what_is_bulk_data(tmp_path: Path) -> None:
+    """A public element written as UN is put in the model as pydicom reads it (a report's
+    text as UT, not 2 KB of UN bulk data); overlay data in implicit VR is OW."""
+    ds = make_dataset()
+    text = "Findings: " + "x" * 2000
+    ds.add_new(0x0040A160, "UN", text.encode())  # TextValue, UT in the dictionary
+    explicit = write_instance(tmp_path / "explicit.dcm", ds)
+    assert file_json(explicit)["0040A160"] == {"vr": "UT", "Value": [text]}
+
+    ds = make_dataset()
+    ds.add_new(0x60003000, "OW", b"\x55" * 2048)  # OverlayData, "OB or OW"
+    implicit = write_instance(tmp_path / "implicit.dcm", ds)
+    written = pydicom.dcmread(implicit, force=True)
+    written.file_meta.TransferSyntaxUID = ImplicitVRLittleEndian
+    written.save_as(implicit, implicit_vr=True, little_endian=True)
+    model = file_json(implicit)
+    assert model["60003000"]["vr"] == "OW"
+    assert assert_bulk_data_is_in_place(model, pydicom.dcmread(implicit)) == 1
