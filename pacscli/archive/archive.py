@@ -125,13 +125,21 @@ class Archive:
             raise UsageError(f"the archive {self.root} is not a folder")
         try:
             self.root.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise _resource_error(exc, f"cannot create the archive at {self.root}") from exc
+        # The index first: an archive whose index cannot be written gets no staging folder.
+        self.index = Index(self.root / layout.INDEX_FILE)
+        try:
+            self.index.check_writable()
             self.staging = self.root / layout.STAGING_DIR / str(os.getpid())
             self._staging_folder = StagingFolder(self.staging)
             self._make_lock_files()
         except OSError as exc:
+            self.index.close()
             raise _resource_error(exc, f"cannot create the archive at {self.root}") from exc
-        self.index = Index(self.root / layout.INDEX_FILE)
-        self.index.check_writable()
+        except ArchiveError:
+            self.index.close()
+            raise
         self._stripes: dict[str, tuple[threading.Lock, int]] = {}  # lock stripe -> (lock, fd)
         self._stripes_guard = threading.Lock()
         self._syncers: ThreadPoolExecutor | None = None

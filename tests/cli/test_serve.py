@@ -569,3 +569,4 @@ def test_an_index_that_cannot_be_written_stops_serve_at_start(tmp_path: Path) ->
         subprocess.run(["chattr", "-i", str(index)] if os.geteuid() == 0
                        else ["chmod", "u+w", str(index)], check=True)
     assert len(index_rows(archive)) == 1
+    assert list((archive / ".staging").iterdir()) == []  # no staging folder left behind
