@@ -167,14 +167,19 @@ class Settings:
         return None
 
 
-_REMOTE_RE = re.compile(r"^(?P<aet>[^@]*)@(?:\[(?P<ip6>[^\]]+)\]|(?P<host>[^:\[\]]+)):(?P<port>\d+)$")
+_REMOTE_RE = re.compile(r"^(?P<aet>[^@]*)@(?:\[(?P<ip6>[^\]]+)\]|(?P<host>[^:\[\]@]+)):(?P<port>\d+)$")
+
+
+_AE_TITLE_RULE = "1 to 16 characters of printable ASCII, no backslash"
 
 
 def validate_ae_title(value: str, what: str = "AE title") -> str:
-    """Check an AE title: 1-16 characters, no backslash or control characters."""
+    """Check an AE title (PS3.5 AE): 1-16 characters of the default repertoire (printable
+    ASCII), no backslash; leading and trailing spaces are not significant."""
     stripped = value.strip()
-    if not 1 <= len(stripped) <= 16 or "\\" in stripped or any(ord(c) < 32 for c in stripped):
-        raise UsageError(f"invalid {what} {value!r}: 1 to 16 characters, no backslash")
+    if not 1 <= len(stripped) <= 16 or "\\" in stripped or \
+            any(not " " <= c <= "~" for c in stripped):
+        raise UsageError(f"invalid {what} {value!r}: {_AE_TITLE_RULE}")
     return stripped
 
 
@@ -189,8 +194,8 @@ def parse_remote(spec: str, name: str | None = None) -> Remote:
     try:
         aet = validate_ae_title(match["aet"])
     except UsageError:
-        raise UsageError(f"invalid remote {spec!r}: its AE title {match['aet']!r} must be 1 to "
-                         "16 characters, no backslash") from None
+        raise UsageError(f"invalid remote {spec!r}: its AE title {match['aet']!r} must be "
+                         f"{_AE_TITLE_RULE}") from None
     return Remote(ae_title=aet, host=match["ip6"] or match["host"], port=port, name=name)
 
 
@@ -278,11 +283,17 @@ def _remote(name: str, table: Any) -> Remote:
         if key in table and (not isinstance(table[key], kind)
                              or (kind is int and isinstance(table[key], bool))):
             raise ConfigError(f"{where} {key} has the wrong type: {table[key]!r}")
-    host, aet, port = table["host"], table["ae_title"], table["port"]
+    # Built from its fields, not parsed as AET@HOST:PORT: "A@B" is an AE title DICOM allows.
     try:
-        remote = parse_remote(f"{aet}@[{host}]:{port}" if ":" in host else f"{aet}@{host}:{port}", name)
+        aet = validate_ae_title(table["ae_title"])
     except UsageError as exc:
         raise ConfigError(f"{where}: {exc.message}") from exc
+    host, port = table["host"].strip(), table["port"]
+    if not host:
+        raise ConfigError(f"{where}: host is empty")
+    if not 1 <= port <= 65535:
+        raise ConfigError(f"{where}: invalid port {port}")
+    remote = Remote(ae_title=aet, host=host.strip("[]"), port=port, name=name)
     permissions = table.get("permissions", ["find", "move", "get"])
     if not isinstance(permissions, list) or not set(permissions) <= QR_PERMISSIONS:
         raise ConfigError(f"{where} permissions must be a list drawn from {sorted(QR_PERMISSIONS)}")

@@ -91,6 +91,9 @@ def test_a_tls_file_that_cannot_be_loaded_is_a_config_error(tmp_path: Path) -> N
     ("PACS@h:99999", "invalid port 99999"),
     ("PACS@h", "expected AET@HOST:PORT"),
     ("PACSh:104", "unknown remote 'PACSh:104'"),  # taken for a name from the config
+    ("P\u00c4CS@h:104", "must be 1 to 16 characters of printable ASCII"),  # was a traceback
+    ("A\tB@h:104", "must be 1 to 16 characters of printable ASCII"),
+    ("A@B@h:104", "expected AET@HOST:PORT"),  # not AE title A at host B@h
 ])
 def test_a_remote_spec_says_what_is_wrong(tmp_path: Path, spec: str, says: str | None) -> None:
     settings = load(tmp_path, "")
@@ -100,3 +103,16 @@ def test_a_remote_spec_says_what_is_wrong(tmp_path: Path, spec: str, says: str |
     with pytest.raises(UsageError) as raised:
         settings.remote(spec)
     assert says in raised.value.message
+
+
+def test_a_remote_table_takes_its_ae_title_as_written(tmp_path: Path) -> None:
+    """An AE title with an @ is DICOM's to allow: it used to be split into the AE title
+    before it and a host "B@127.0.0.1"; one outside printable ASCII is refused."""
+    settings = load(tmp_path, '[remotes.A]\nae_title = "A@B"\nhost = "127.0.0.1"\nport = 104\n'
+                              '[remotes.V6]\nae_title = "V6"\nhost = "::1"\nport = 104\n')
+    remote = settings.remote("A")
+    assert (remote.ae_title, remote.host, remote.port) == ("A@B", "127.0.0.1", 104)
+    assert str(settings.remote("V6")) == "V6@[::1]:104"
+    with pytest.raises(ConfigError) as raised:
+        load(tmp_path, '[remotes.A]\nae_title = "\u00c9CHO"\nhost = "h"\nport = 104\n')
+    assert "[remotes.A]: invalid AE title '\u00c9CHO'" in raised.value.message
