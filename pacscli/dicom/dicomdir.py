@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from pacscli.dicom.uids import MEDIA_STORAGE_DIRECTORY
 from pacscli.errors import InvalidDicomError
 
 DICOMDIR_NAME = "DICOMDIR"
@@ -72,15 +73,19 @@ def referenced_files(dicomdir: Path) -> tuple[list[str], list[tuple[str, str]]]:
     """The files a DICOMDIR references, in its order, found under its folder; and the
     references that name no file there, as (file ID, why).
 
-    Raises InvalidDicomError when the DICOMDIR itself cannot be read.
+    Raises InvalidDicomError when the DICOMDIR itself cannot be read, or is an instance
+    that only bears the name.
     """
     import pydicom
 
     try:
         ds = pydicom.dcmread(dicomdir, defer_size=256)
         records = ds.get("DirectoryRecordSequence") or []
+        media_class = ds.file_meta.get("MediaStorageSOPClassUID")
     except Exception as exc:  # pydicom raises many kinds on a damaged file
         raise InvalidDicomError(f"unreadable DICOMDIR: {exc}") from exc
+    if media_class != MEDIA_STORAGE_DIRECTORY and "DirectoryRecordSequence" not in ds:
+        raise InvalidDicomError(f"not a DICOMDIR: its SOP class is {media_class}")
     resolver = _Resolver(os.path.dirname(os.path.abspath(dicomdir)))
     found: list[str] = []
     missing: list[tuple[str, str]] = []

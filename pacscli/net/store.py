@@ -31,6 +31,7 @@ from pacscli.dicom.identity import read_header, read_meta_values, read_raw_heade
 from pacscli.dicom.scan import mapped, scan_part10
 from pacscli.dicom.uids import (
     IMPLICIT_VR_LITTLE_ENDIAN,
+    MEDIA_STORAGE_DIRECTORY,
     UNCOMPRESSED_SYNTAXES,
     clean_uid,
     is_encapsulated,
@@ -48,7 +49,6 @@ log = logging.getLogger(__name__)
 MAX_CONTEXTS = 128  # pynetdicom's limit per association (PS3.8 allows 128 odd context IDs)
 # C-STORE warnings (PS3.7 C.4 and 9.1.1.1): the instance was stored.
 WARNING_STATUSES = frozenset({0x0001, 0x0107, 0x0116, 0xB000, 0xB006, 0xB007})
-MEDIA_STORAGE_DIRECTORY = "1.2.840.10008.1.3.10"  # a DICOMDIR: not an instance to send
 IDENTITY = ("StudyInstanceUID", "SeriesInstanceUID", "SOPClassUID", "SOPInstanceUID")
 _IDENTITY_TAGS = tuple(tag_of(kw) for kw in IDENTITY)
 # What a failed record keeps of an input record without a path, to say which one it was.

@@ -107,6 +107,16 @@ def test_paths_and_records_from_stdin(tmp_path: Path) -> None:
     assert [r["outcome"] for r in lines(result)] == ["stored", "stored"]
 
 
+def test_an_instance_named_dicomdir_is_indexed(tmp_path: Path) -> None:
+    """A file is a DICOMDIR by its content, not its name: a CT slice called DICOMDIR was
+    skipped as "a DICOMDIR ... 0 files" (`pacs store` sent it)."""
+    ct = write_instance(tmp_path / "src" / "DICOMDIR")
+    result = pacs(tmp_path, "index", "--archive", str(tmp_path / "archive"), str(ct.parent))
+    assert result.returncode == 0, result.stderr
+    [record] = lines(result)
+    assert (record["status"], record["outcome"], record["source"]) == ("ok", "stored", str(ct))
+
+
 def test_usage_errors(tmp_path: Path) -> None:
     archive = str(tmp_path / "archive")
     assert pacs(tmp_path, "index", "--archive", archive).returncode == 2  # nothing to index
