@@ -283,7 +283,7 @@ class BackgroundOutput:
         self._queue: queue.Queue[Record | None] = queue.Queue(maxsize=backlog)
         self._lock = threading.Lock()
         self._queued = 0  # records taken in
-        self._written = 0  # records written (or let go once writing ended)
+        self._written = 0  # records written (kept, for a JSON array)
         self._dropped = 0  # in all
         self._said = 0  # dropped records stderr has told of
         self._ended = False  # no more writing: the reader went away, or a write failed
