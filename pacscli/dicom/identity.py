@@ -116,6 +116,17 @@ def read_file_meta(fp: BinaryIO) -> tuple[FileMetaDataset, int]:
 _GROUP_LENGTH = b"\x02\x00\x00\x00UL\x04\x00"  # (0002,0000) UL, length 4
 
 
+def _meta_values_by_pydicom(fp: BinaryIO, vrs: dict[int, bytes] | None) -> tuple[dict[int, bytes], int]:
+    """read_meta_values for a file meta out of the common mould, read by pydicom, which walks
+    its elements whatever the group length says."""
+    fp.seek(0)
+    meta, offset = read_file_meta(fp)
+    if vrs is not None:
+        vrs.clear()
+        vrs.update((int(elem.tag), str(elem.VR).encode("ascii", "replace")) for elem in meta)
+    return {int(elem.tag): _raw(elem.value) for elem in meta}, offset
+
+
 def seek_dataset(fp: BinaryIO) -> int:
     """Move fp (at the start of a Part 10 file) to its dataset; return the offset.
 
@@ -148,11 +159,7 @@ def read_meta_values(fp: BinaryIO, vrs: dict[int, bytes] | None = None) -> tuple
             size = None
         check_part10_head(head, size)
     if len(head) < 144 or head[132:140] != _GROUP_LENGTH:
-        fp.seek(0)
-        meta, offset = read_file_meta(fp)
-        if vrs is not None:
-            vrs.update((int(elem.tag), str(elem.VR).encode("ascii", "replace")) for elem in meta)
-        return {int(elem.tag): _raw(elem.value) for elem in meta}, offset
+        return _meta_values_by_pydicom(fp, vrs)
     end = 144 + int(struct.unpack_from("<I", head, 140)[0])
     body = fp.read(end - 144)
     values: dict[int, bytes] = {}
@@ -170,8 +177,8 @@ def read_meta_values(fp: BinaryIO, vrs: dict[int, bytes] | None = None) -> tuple
         if vrs is not None:
             vrs[(group << 16) | element] = vr
         position += length
-    if position != len(body):
-        raise InvalidDicomError("the file meta group length does not match its elements")
+    if position != len(body):  # a group length real devices got wrong: walk the elements
+        return _meta_values_by_pydicom(fp, vrs)
     fp.seek(end)
     return values, end
 

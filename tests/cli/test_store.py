@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import struct
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
@@ -382,6 +383,22 @@ def test_folder_with_a_fifo_and_links(tmp_path: Path, storescp: Storescp) -> Non
     alone = pacs_store(tmp_path, remote, str(folder / "pipe"))
     assert [r["status"] for r in records(alone)] == ["skipped"]
     assert len(list(out.iterdir())) == 1
+
+
+def test_a_wrong_file_meta_group_length_is_sent(tmp_path: Path, storescp: Storescp) -> None:
+    """Real devices write wrong file meta group lengths; `pacs index` archives such files,
+    and `pacs store` skipped them ("invalid-dicom", exit 0): now it sends their dataset."""
+    remote, out = storescp()
+    source = testdata("explicit_le")
+    data = bytearray(source.read_bytes())
+    struct.pack_into("<I", data, 140, struct.unpack_from("<I", data, 140)[0] + 8)
+    wrong = tmp_path / "wrong.dcm"
+    wrong.write_bytes(bytes(data))
+    result = pacs_store(tmp_path, remote, str(wrong))
+    assert result.returncode == 0, result.stderr
+    assert [r["status"] for r in records(result)] == ["ok"]
+    [arrived] = received(out)
+    assert comparable(arrived) == comparable(pydicom.dcmread(source))
 
 
 def test_stdin_records_and_parallel_jobs(tmp_path: Path, storescp: Storescp) -> None:

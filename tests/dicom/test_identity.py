@@ -485,13 +485,20 @@ def test_part10_meta_values_and_padding(tmp_path: Path) -> None:
     assert (fast.meta_sop_uid, fast.source_aet, fast.transfer_syntax) == ("1.2.3.3", "STORESCU", EXPLICIT)
 
 
-def test_a_wrong_group_length_takes_pydicom(tmp_path: Path) -> None:
+@pytest.mark.parametrize("change", [-30, -8, 8, 100])
+def test_a_wrong_group_length_is_read_as_pydicom_reads_it(tmp_path: Path, change: int) -> None:
+    """The file meta is walked element by element, as pydicom does, whatever its group
+    length says (`pacs store` used to skip such a file, which `pacs index` archives)."""
     data = bytearray(part10(identity_elements(False)))
-    struct.pack_into("<I", data, 140, struct.unpack_from("<I", data, 140)[0] - 30)
-    path = tmp_path / "short_meta.dcm"
+    struct.pack_into("<I", data, 140, struct.unpack_from("<I", data, 140)[0] + change)
+    path = tmp_path / "wrong_meta.dcm"
     path.write_bytes(bytes(data))
-    assert _fast_instance_info(path) is None
-    assert outcome(read_instance_info, path) == outcome(_pydicom_instance_info, path)
+    expected = outcome(_pydicom_instance_info, path)
+    assert isinstance(expected, InstanceInfo)
+    assert _fast_instance_info(path) == expected
+    assert outcome(read_instance_info, path) == expected
+    with open(path, "rb") as fp:
+        assert read_meta_values(fp)[1] == expected.dataset_offset
 
 
 @pytest.mark.parametrize("head", [64 * 1024, 512, 16])
