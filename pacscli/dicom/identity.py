@@ -114,15 +114,49 @@ def read_file_meta(fp: BinaryIO) -> tuple[FileMetaDataset, int]:
 
 
 _GROUP_LENGTH = b"\x02\x00\x00\x00UL\x04\x00"  # (0002,0000) UL, length 4
+_META_READ = 4096  # file metas take a few hundred bytes: a longer one goes to pydicom
+
+
+def _walk_meta(fp: BinaryIO) -> tuple[dict[int, bytes], dict[int, bytes], int] | None:
+    """The file meta in its common form (explicit VR little endian, its group length
+    first), walked element by element up to the first element outside group 0002, as
+    pydicom reads it, whatever the group length says (real devices get it wrong): the
+    values, the VRs as written, and the dataset's offset. None for any other meta."""
+    fp.seek(0)
+    data = fp.read(132 + _META_READ)
+    if len(data) < 144 or data[128:132] != b"DICM" or data[132:140] != _GROUP_LENGTH:
+        return None
+    values: dict[int, bytes] = {}
+    vrs: dict[int, bytes] = {}
+    position = 132
+    while position + 8 <= len(data):
+        group, element = struct.unpack_from("<HH", data, position)
+        if group != 0x0002:
+            return values, vrs, position
+        vr = data[position + 4:position + 6]
+        if not vr.isalpha():
+            return None
+        if vr in LONG_VRS:
+            if position + 12 > len(data):
+                return None
+            length, header = int(struct.unpack_from("<I", data, position + 8)[0]), 12
+        else:
+            length, header = int(struct.unpack_from("<H", data, position + 6)[0]), 8
+        if position + header + length > len(data):
+            return None  # longer than read, or cut short: pydicom says which
+        values[(group << 16) | element] = data[position + header:position + header + length]
+        vrs[(group << 16) | element] = vr
+        position += header + length
+    if position == len(data) < 132 + _META_READ:  # the file ends with its meta
+        return values, vrs, position
+    return None
 
 
 def _meta_values_by_pydicom(fp: BinaryIO, vrs: dict[int, bytes] | None) -> tuple[dict[int, bytes], int]:
-    """read_meta_values for a file meta out of the common mould, read by pydicom, which walks
-    its elements whatever the group length says."""
+    """read_meta_values for a file meta out of the common mould, read by pydicom."""
     fp.seek(0)
     meta, offset = read_file_meta(fp)
     if vrs is not None:
-        vrs.clear()
         vrs.update((int(elem.tag), str(elem.VR).encode("ascii", "replace")) for elem in meta)
     return {int(elem.tag): _raw(elem.value) for elem in meta}, offset
 
@@ -130,17 +164,16 @@ def _meta_values_by_pydicom(fp: BinaryIO, vrs: dict[int, bytes] | None) -> tuple
 def seek_dataset(fp: BinaryIO) -> int:
     """Move fp (at the start of a Part 10 file) to its dataset; return the offset.
 
-    Files that begin their file meta with its group length, as the archive's all do, are
-    done with one small read; others take `read_file_meta`. A retrieve sends each
-    instance's dataset, and parsing the meta with pydicom cost more than the read.
+    The common file meta is walked from one small read; others take `read_file_meta`. A
+    retrieve sends each instance's dataset, and parsing the meta with pydicom cost more
+    than the read.
     """
-    head = fp.read(144)
-    if len(head) == 144 and head[128:132] == b"DICM" and head[132:140] == _GROUP_LENGTH:
-        offset = 144 + int(struct.unpack_from("<I", head, 140)[0])
-        fp.seek(offset)
-        return offset
-    fp.seek(0)
-    return read_file_meta(fp)[1]
+    walked = _walk_meta(fp)
+    if walked is None:
+        fp.seek(0)
+        return read_file_meta(fp)[1]
+    fp.seek(walked[2])
+    return walked[2]
 
 
 def read_meta_values(fp: BinaryIO, vrs: dict[int, bytes] | None = None) -> tuple[dict[int, bytes], int]:
@@ -148,8 +181,8 @@ def read_meta_values(fp: BinaryIO, vrs: dict[int, bytes] | None = None) -> tuple
     left there): for callers that need a few UIDs as stored, padding included. When given,
     `vrs` receives each element's VR as written.
 
-    Reads the explicit VR little endian group 0002 directly; anything unusual (no group
-    length first, implicit VR meta) goes through `read_file_meta`. Raises InvalidDicomError.
+    Walks the common file meta directly (see _walk_meta); anything unusual (no group length
+    first, implicit VR meta) goes through `read_file_meta`. Raises InvalidDicomError.
     """
     head = fp.read(144)
     if head[128:132] != b"DICM":  # said as `pacs index` says it: not DICOM, empty, a raw dataset
@@ -158,29 +191,14 @@ def read_meta_values(fp: BinaryIO, vrs: dict[int, bytes] | None = None) -> tuple
         except (AttributeError, OSError, io.UnsupportedOperation):  # not a file
             size = None
         check_part10_head(head, size)
-    if len(head) < 144 or head[132:140] != _GROUP_LENGTH:
+    walked = _walk_meta(fp)
+    if walked is None:
         return _meta_values_by_pydicom(fp, vrs)
-    end = 144 + int(struct.unpack_from("<I", head, 140)[0])
-    body = fp.read(end - 144)
-    values: dict[int, bytes] = {}
-    position = 0
-    while position + 8 <= len(body):
-        group, element = struct.unpack_from("<HH", body, position)
-        vr = body[position + 4:position + 6]
-        if vr in LONG_VRS:
-            length = int(struct.unpack_from("<I", body, position + 8)[0])
-            position += 12
-        else:
-            length = int(struct.unpack_from("<H", body, position + 6)[0])
-            position += 8
-        values[(group << 16) | element] = body[position:position + length]
-        if vrs is not None:
-            vrs[(group << 16) | element] = vr
-        position += length
-    if position != len(body):  # a group length real devices got wrong: walk the elements
-        return _meta_values_by_pydicom(fp, vrs)
-    fp.seek(end)
-    return values, end
+    values, written, offset = walked
+    if vrs is not None:
+        vrs.update(written)
+    fp.seek(offset)
+    return values, offset
 
 
 def _raw(value: object) -> bytes:

@@ -501,6 +501,26 @@ def test_a_wrong_group_length_is_read_as_pydicom_reads_it(tmp_path: Path, change
         assert read_meta_values(fp)[1] == expected.dataset_offset
 
 
+@pytest.mark.parametrize("name", ["CT_small.dcm", "MR_small_implicit.dcm", "JPEG2000.dcm",
+                                  "MR_small_bigendian.dcm"])
+@pytest.mark.parametrize("change", [-16, -8, 8, 18, 1000])
+def test_the_dataset_is_found_whatever_the_group_length_says(tmp_path: Path, name: str,
+                                                            change: int) -> None:
+    """A group length off by whole elements (the meta's last one left out, the dataset's
+    first one counted in) used to be believed: `pacs store` and serve's retrieves sent the
+    dataset from the wrong byte, with a success status."""
+    data = bytearray(Path(str(get_testdata_file(name))).read_bytes())
+    struct.pack_into("<I", data, 140, struct.unpack_from("<I", data, 140)[0] + change)
+    path = tmp_path / name
+    path.write_bytes(bytes(data))
+    with path.open("rb") as fp:
+        expected = read_file_meta(fp)[1]
+    with path.open("rb") as fp:
+        assert read_meta_values(fp)[1] == expected == fp.tell()
+    with path.open("rb") as fp:
+        assert seek_dataset(fp) == expected == fp.tell()
+
+
 @pytest.mark.parametrize("head", [64 * 1024, 512, 16])
 def test_headers_longer_than_the_first_read(tmp_path: Path, head: int,
                                             monkeypatch: pytest.MonkeyPatch) -> None:
