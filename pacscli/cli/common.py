@@ -235,6 +235,9 @@ class Output:
         return ExitCode.PARTIAL if self.failed else ExitCode.OK
 
 
+_PIPE_CHUNK = 64 * 1024  # Linux's default pipe buffer
+
+
 class FdStream(io.TextIOBase):
     """Text written straight to a file descriptor, unbuffered: a write blocked on a pipe
     nobody reads holds no lock of Python's (sys.stdout's would stop the exit). `written`
@@ -248,8 +251,8 @@ class FdStream(io.TextIOBase):
     def write(self, text: str) -> int:
         data = memoryview(text.encode("utf-8", "surrogateescape"))
         while data:
-            try:
-                done = os.write(self.fd, data)
+            try:  # a pipe's worth at a time: a slow reader is seen to move (`written`)
+                done = os.write(self.fd, data[:_PIPE_CHUNK])
             except BlockingIOError:  # a non-blocking descriptor: wait until it takes more
                 select.select([], [self.fd], [])
                 continue

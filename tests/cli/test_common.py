@@ -154,3 +154,30 @@ def test_background_output_ends_with_one_warning_when_writing_fails(
     assert caplog.text.count(f"{says}: records are no longer written") == 1
     assert "not being read" not in caplog.text and "dropped" not in caplog.text
     assert "Traceback" not in caplog.text
+
+
+def test_background_output_waits_for_a_slow_reader_of_one_big_array(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """A JSON array far larger than the pipe, read slowly but steadily: close() waits for
+    all of it (it gave up after 2 s, the whole array having been one blocked write)."""
+    read_fd, write_fd = os.pipe()
+    chunks: list[bytes] = []
+
+    def slow_reader() -> None:
+        while data := os.read(read_fd, 16384):
+            chunks.append(data)
+            time.sleep(0.05)  # ~300 KB/s
+
+    try:
+        out = BackgroundOutput("json", [], fd=write_fd)
+        for n in range(3000):
+            out.emit({"n": n, "pad": "x" * 200})  # ~700 KB in all
+        reader = threading.Thread(target=slow_reader)
+        reader.start()
+        out.close(deadline=time.monotonic() + 30, stall=1.0)
+    finally:
+        os.close(write_fd)
+    reader.join(30)
+    os.close(read_fd)
+    assert "not written" not in caplog.text  # close() did not give up on it
+    assert [r["n"] for r in json.loads(b"".join(chunks))] == list(range(3000))
