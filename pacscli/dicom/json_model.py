@@ -58,10 +58,14 @@ def dataset_json(dataset: Dataset, *, source: Path | None = None, base: int = 0)
 
 def _element_json(dataset: Dataset, tag: int, source: Path | None, base: int) -> dict[str, Any]:
     raw = dataset.get_item(tag, keep_deferred=True)  # before conversion: where its value is
-    element = dataset[tag]  # converted here, with the VR pydicom settles on; may raise
     at = None  # the value's offset in `source`, when known
     if source is not None and isinstance(raw, RawDataElement) and raw.value_tell is not None:
         at = base + raw.value_tell
+        if BULK_DATA_THRESHOLD < raw.length < _UNDEFINED_LENGTH and \
+                (vr := _settled_vr(dataset, tag, raw)) in _BINARY_VRS:
+            return {"vr": vr,
+                    "BulkDataURI": f"{source.absolute().as_uri()}?offset={at}&length={raw.length}"}
+    element = dataset[tag]  # converted here, with the VR pydicom settles on; may raise
     if element.VR == "SQ":
         # pydicom reads the items of a sequence of undefined length from the file as it goes
         # (their offsets count from where this element's do), those of a defined length from
@@ -74,16 +78,23 @@ def _element_json(dataset: Dataset, tag: int, source: Path | None, base: int) ->
         items = [dataset_json(item, source=source if items_base is not None else None,
                               base=items_base or 0) for item in element.value]
         return {"vr": "SQ", "Value": items} if items else {"vr": "SQ"}
-    if at is not None and source is not None and element.VR in _BINARY_VRS and \
-            BULK_DATA_THRESHOLD < raw.length < _UNDEFINED_LENGTH:
-        return {"vr": element.VR,
-                "BulkDataURI": f"{source.absolute().as_uri()}?offset={at}&length={raw.length}"}
     encoded: dict[str, Any] = element.to_json_dict(None, BULK_DATA_THRESHOLD)
     values = encoded.get("Value")
     if isinstance(values, list) and any(isinstance(v, float) and not math.isfinite(v)
                                         for v in values):
         raise ValueError("a number JSON cannot hold (NaN or infinity)")
     return encoded
+
+
+def _settled_vr(dataset: Dataset, tag: int, raw: RawDataElement) -> str:
+    """The VR pydicom gives `raw` once converted (the dictionary's for implicit VR or UN,
+    OW or OB for "OB or OW"), learned from an empty copy: a long value left unread is not
+    read."""
+    dataset[tag] = raw._replace(value=b"", length=0)
+    try:
+        return str(dataset[tag].VR)
+    finally:
+        dataset[tag] = raw
 
 
 def file_json(path: Path) -> dict[str, Any]:

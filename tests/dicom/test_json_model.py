@@ -232,3 +232,22 @@ def test_a_vr_pydicom_settles_decides_what_is_bulk_data(tmp_path: Path) -> None:
     model = file_json(implicit)
     assert model["60003000"]["vr"] == "OW"
     assert assert_bulk_data_is_in_place(model, pydicom.dcmread(implicit)) == 1
+
+
+def test_a_long_value_named_by_a_bulk_data_uri_is_not_read(tmp_path: Path) -> None:
+    """A 30 MB document: the model names it without loading it (the VR pydicom settles on
+    is learned from an empty copy); it once cost its size in memory."""
+    import tracemalloc
+
+    ds = make_dataset()
+    ds.EncapsulatedDocument = bytes(30 * 1024 * 1024)
+    path = write_instance(tmp_path / "big.dcm", ds)
+    del ds
+    tracemalloc.start()
+    try:
+        model = file_json(path)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert model["00420011"]["vr"] == "OB" and "BulkDataURI" in model["00420011"]
+    assert peak < 5 * 1024 * 1024, peak
