@@ -167,7 +167,8 @@ class Settings:
         return None
 
 
-_REMOTE_RE = re.compile(r"^(?P<aet>[^@]*)@(?:\[(?P<ip6>[^\]]+)\]|(?P<host>[^:\[\]@]+)):(?P<port>\d+)$")
+# The AE title runs to the last @ (DICOM allows one in it); the host has none.
+_REMOTE_RE = re.compile(r"^(?P<aet>.*)@(?:\[(?P<ip6>[^\]]+)\]|(?P<host>[^:\[\]@]+)):(?P<port>\d+)$")
 
 
 _AE_TITLE_RULE = "1 to 16 characters of printable ASCII, no backslash"
@@ -289,11 +290,13 @@ def _remote(name: str, table: Any) -> Remote:
     except UsageError as exc:
         raise ConfigError(f"{where}: {exc.message}") from exc
     host, port = table["host"].strip(), table["port"]
-    if not host:
-        raise ConfigError(f"{where}: host is empty")
+    if host.startswith("[") and host.endswith("]"):  # an IPv6 address, bracketed
+        host = host[1:-1].strip()
+    if not host or any(c in "[]@" or c.isspace() for c in host):
+        raise ConfigError(f"{where}: invalid host {table['host']!r}")
     if not 1 <= port <= 65535:
         raise ConfigError(f"{where}: invalid port {port}")
-    remote = Remote(ae_title=aet, host=host.strip("[]"), port=port, name=name)
+    remote = Remote(ae_title=aet, host=host, port=port, name=name)
     permissions = table.get("permissions", ["find", "move", "get"])
     if not isinstance(permissions, list) or not set(permissions) <= QR_PERMISSIONS:
         raise ConfigError(f"{where} permissions must be a list drawn from {sorted(QR_PERMISSIONS)}")
