@@ -690,13 +690,16 @@ class AssociationServer:
                     assoc.busy = False
                     if dataset is not None:
                         dataset.discard()
-        except AssociationClosed as exc:  # not released: worth a line without -v
-            log.warning("association with %s ended without a release: %s", assoc, exc)
-        except TimeoutError:
-            log.warning("association with %s timed out; aborting", assoc)
-            assoc.abort()
-        except OSError as exc:
-            log.warning("association with %s lost: %s", assoc, exc)
+        except (AssociationClosed, OSError) as exc:
+            if self._past_grace:  # aborted by stop(), which said so
+                log.info("association with %s closed at shutdown: %s", assoc, exc)
+            elif isinstance(exc, TimeoutError):
+                log.warning("association with %s timed out; aborting", assoc)
+                assoc.abort()
+            elif isinstance(exc, AssociationClosed):  # not released: worth a line without -v
+                log.warning("association with %s ended without a release: %s", assoc, exc)
+            else:
+                log.warning("association with %s lost: %s", assoc, exc)
         except Exception:
             log.exception("error in association with %s; aborting", assoc)
             assoc.abort()
