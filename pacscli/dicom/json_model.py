@@ -27,8 +27,8 @@ from pydicom.datadict import dictionary_VR, tag_for_keyword
 from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.filereader import read_file_meta_info
-from pydicom.uid import DeflatedExplicitVRLittleEndian
 
+from pacscli.dicom.scan import DEFLATED
 from pacscli.records import Record
 
 log = logging.getLogger(__name__)
@@ -101,8 +101,7 @@ def file_json(path: Path) -> dict[str, Any]:
     """The JSON model of a DICOM file's dataset, without its pixel data, long binary values
     named by BulkDataURIs. Raises whatever pydicom raises on a file it cannot read."""
     with warnings.catch_warnings(action="ignore"):
-        deflated = read_file_meta_info(path).get("TransferSyntaxUID") == \
-            DeflatedExplicitVRLittleEndian
+        deflated = read_file_meta_info(path).get("TransferSyntaxUID") in DEFLATED
         # Long values are left unread, only their place in the file kept; a deflated file's
         # places are in the inflated stream, so it is read whole.
         dataset = dcmread(path, stop_before_pixels=True,
