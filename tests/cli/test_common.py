@@ -97,10 +97,11 @@ def test_background_output_gives_up_on_a_stuck_reader_in_time(
         started = time.monotonic()
         out.close(deadline=started + 10, stall=0.3)
         assert time.monotonic() - started < 1.5
+        assert "stdout is not being read: 4 records were not written" in caplog.text
     finally:
-        os.close(read_fd)
-        os.close(write_fd)
-    assert "stdout is not being read: 4 records were not written" in caplog.text
+        os.close(read_fd)  # the writer's stuck write fails now, and the writer ends...
+        wait_for("broken pipe", caplog)
+        os.close(write_fd)  # ...before its descriptor goes (its number could be reused)
 
 
 @pytest.mark.parametrize("fmt", ["jsonl", "json", "csv"])
