@@ -184,15 +184,16 @@ def read_meta_values(fp: BinaryIO, vrs: dict[int, bytes] | None = None) -> tuple
     Walks the common file meta directly (see _walk_meta); anything unusual (no group length
     first, implicit VR meta) goes through `read_file_meta`. Raises InvalidDicomError.
     """
-    head = fp.read(144)
-    if head[128:132] != b"DICM":  # said as `pacs index` says it: not DICOM, empty, a raw dataset
-        try:
-            size: int | None = os.fstat(fp.fileno()).st_size
-        except (AttributeError, OSError, io.UnsupportedOperation):  # not a file
-            size = None
-        check_part10_head(head, size)
     walked = _walk_meta(fp)
     if walked is None:
+        fp.seek(0)
+        head = fp.read(144)
+        if head[128:132] != b"DICM":  # said as `pacs index` says it: not DICOM, empty, raw
+            try:
+                size: int | None = os.fstat(fp.fileno()).st_size
+            except (AttributeError, OSError, io.UnsupportedOperation):  # not a file
+                size = None
+            check_part10_head(head, size)
         return _meta_values_by_pydicom(fp, vrs)
     values, written, offset = walked
     if vrs is not None:
