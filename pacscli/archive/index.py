@@ -219,19 +219,37 @@ class Index:
         conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
         if conn is None:
             try:
-                conn = sqlite3.connect(self.path, timeout=60, isolation_level=None,
-                                       check_same_thread=False)
-                conn.row_factory = sqlite3.Row
-                _when_free(conn, "PRAGMA journal_mode=WAL")
-                # NORMAL in WAL mode: a commit survives a process crash; a power cut may lose
-                # the last commits, which `pacs verify --repair` re-indexes from the files.
-                conn.execute("PRAGMA synchronous=NORMAL")
-                conn.execute("PRAGMA foreign_keys=ON")
+                conn = self._open()
             except sqlite3.Error as exc:
                 raise ArchiveError(f"cannot open the index {self.path}: {exc}") from exc
             self._local.conn = conn
             with self._lock:
                 self._connections.append(conn)
+        return conn
+
+    def _open(self) -> sqlite3.Connection:
+        conn = sqlite3.connect(self.path, timeout=60, isolation_level=None,
+                               check_same_thread=False)
+        conn.row_factory = sqlite3.Row
+        try:
+            _when_free(conn, "PRAGMA journal_mode=WAL")
+        except sqlite3.OperationalError as exc:
+            conn.close()
+            if exc.sqlite_errorcode != sqlite3.SQLITE_CANTOPEN or not self.path.is_file() \
+                    or self.path.with_name(self.path.name + "-wal").exists():
+                raise
+            # A WAL database is read through its -shm file, which SQLite cannot create in a
+            # folder it may not write (a read-only share, a CD). With no -wal file, every
+            # commit is in the database file itself: read it as it is, without the -shm.
+            conn = sqlite3.connect(f"{self.path.resolve().as_uri()}?mode=ro&immutable=1",
+                                   uri=True, isolation_level=None, check_same_thread=False)
+            conn.row_factory = sqlite3.Row
+            conn.execute("PRAGMA foreign_keys=ON")
+            return conn
+        # NORMAL in WAL mode: a commit survives a process crash; a power cut may lose
+        # the last commits, which `pacs verify --repair` re-indexes from the files.
+        conn.execute("PRAGMA synchronous=NORMAL")
+        conn.execute("PRAGMA foreign_keys=ON")
         return conn
 
     def close(self) -> None:

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import os
 import sqlite3
 import subprocess
 import threading
@@ -115,6 +116,49 @@ def test_safe_while_serve_receives(tmp_path: Path) -> None:
     assert len(seen) >= 3  # it did run while files arrived
     final = lines(pacs(tmp_path, "verify", "--archive", str(server.archive)))
     assert final[-1]["problems"] == 0 and final[-1]["indexed"] == 600
+
+
+def test_an_archive_in_a_folder_that_cannot_be_written_is_still_read(tmp_path: Path) -> None:
+    """A read-only archive (a share, a copy on a CD) whose index has no -wal file: SQLite
+    cannot create the -shm a WAL database is read through, so find and verify said "cannot
+    open the index". They now read it; --repair names what it cannot repair. Root ignores
+    file modes, so the folder is made immutable (chattr +i) instead."""
+    src = tmp_path / "src"
+    for n in range(3):
+        write_instance(src / f"{n}.dcm", number=n)
+    archive = tmp_path / "archive"
+    stored = lines(pacs(tmp_path, "index", "--archive", str(archive), str(src)))
+    index = archive / layout.INDEX_FILE
+    conn = sqlite3.connect(index)  # the last connection to close removes -wal and -shm
+    conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    conn.close()
+    assert not index.with_name(index.name + "-wal").exists()
+    missing = Path(str(stored[0]["path"]))
+    missing.unlink()
+    locked = ["chattr", "+i", str(archive)] if os.geteuid() == 0 else ["chmod", "a-w", str(archive)]
+    if subprocess.run(locked, capture_output=True).returncode != 0:
+        pytest.skip("cannot make a folder read-only here")
+    try:
+        found = pacs(tmp_path, "find", "--archive", str(archive), "--level", "image")
+        assert found.returncode == 0, found.stderr
+        assert {r["SOPInstanceUID"] for r in lines(found)} == {r["SOPInstanceUID"] for r in stored}
+
+        checked = pacs(tmp_path, "verify", "--archive", str(archive))
+        assert checked.returncode == 1, checked.stderr
+        *problems, summary = lines(checked)
+        assert [(r["problem"], r["path"]) for r in problems] == [("missing", str(missing))]
+        assert summary["indexed"] == 3 and summary["files"] == 2
+
+        repair = pacs(tmp_path, "verify", "--archive", str(archive), "--repair")
+        assert repair.returncode == 1 and "Traceback" not in repair.stderr
+        *problems, summary = lines(repair)
+        assert [r.get("repair") for r in problems] == [None]
+        assert "cannot write the index" in problems[0]["error"]["message"] + repair.stderr
+        assert summary["repaired"] == {}
+    finally:
+        subprocess.run(["chattr", "-i", str(archive)] if os.geteuid() == 0
+                       else ["chmod", "u+w", str(archive)], check=True)
+    assert len(lines(pacs(tmp_path, "find", "--archive", str(archive), "--level", "image"))) == 3
 
 
 def test_a_damaged_index_is_named_with_what_to_do(tmp_path: Path) -> None:
