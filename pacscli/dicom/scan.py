@@ -227,7 +227,9 @@ def scan_part10(buf: Buffer, want: Iterable[int] = ()) -> ScanResult:
     meta: dict[int, bytes] = {}
     pos = _META_START
     unpack = _LE_META.unpack_from
-    while pos + 8 <= size:
+    while True:
+        if pos + 8 > size:  # no dataset after the meta, or an element header cut short
+            raise _truncated("the file ends inside the file meta")
         group, elem, vr, length = unpack(buf, pos)
         if group != 0x0002:
             break

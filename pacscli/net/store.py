@@ -175,6 +175,9 @@ def scan(path: Path) -> Instance:
     """
     try:
         with open(path, "rb") as fp:
+            # First, so that a file cut short is named so, as `pacs index` names it, rather
+            # than by what its cut removed (a Transfer Syntax UID, a VR's second letter).
+            _refuse_truncated(fp)
             try:
                 meta, offset = read_meta_values(fp)
             except InvalidDicomError as exc:
@@ -185,7 +188,6 @@ def scan(path: Path) -> Instance:
             if not transfer_syntax:
                 raise InvalidDicomError("the file meta has no Transfer Syntax UID")
             uid_texts, odd = _identity_texts(fp, offset, transfer_syntax)
-            _refuse_truncated(fp)
     except OSError as exc:
         raise InvalidDicomError(f"cannot read {path}: {exc.strerror or exc}") from exc
     except InvalidDicomError:

@@ -28,6 +28,7 @@ from pydicom.uid import (
 
 from pacscli.config import Settings, parse_remote
 from pacscli.dicom.identity import read_raw_header, read_raw_top_level, seek_dataset
+from pacscli.dicom.scan import scan_part10
 from pacscli.dicom.transcode import ITEM_TAG, pad_odd_fragments
 from pacscli.errors import InvalidDicomError, NetworkError, UsageError
 from pacscli.net import server as net_server
@@ -173,6 +174,25 @@ def _dirty_files(folder: Path) -> list[Path]:
 
 
 PYDICOM_FILES = sorted({Path(f) for f in get_testdata_files() if Path(f).is_file()})
+
+
+def test_a_file_cut_inside_its_meta_is_named_truncated_as_index_names_it(tmp_path: Path) -> None:
+    """Every cut between the DICM prefix and the dataset, inside an element or between two:
+    store and index both say "the file ends inside the file meta". Store named some cuts
+    by what they removed ("the file meta has no Transfer Syntax UID"), and index those that
+    fell between two elements."""
+    data = testdata("CT_small.dcm").read_bytes()
+    offset = scan_part10(data).dataset_offset
+    path = tmp_path / "cut.dcm"
+    for keep in range(133, offset + 1):
+        path.write_bytes(data[:keep])
+        with pytest.raises(InvalidDicomError) as sent:
+            scan(path)
+        with pytest.raises(InvalidDicomError) as indexed:
+            scan_part10(data[:keep])
+        for exc in (sent.value, indexed.value):
+            assert (exc.code, exc.message) == (
+                "truncated", "truncated: the file ends inside the file meta"), keep
 
 
 def test_fast_scan_gives_the_pydicom_scan(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
