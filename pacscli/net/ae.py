@@ -21,7 +21,7 @@ from pacscli.config import Remote, Settings
 from pacscli.errors import NetworkError
 from pacscli.net.diagnose import diagnose_connection, rejection_text
 from pacscli.net.pdu import Rejection
-from pacscli.net.tls import diagnose_handshake
+from pacscli.net.tls import client_context, diagnose_handshake
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +60,18 @@ def _plain(text: object) -> str:
     return " ".join(w if w.isupper() else w.lower() for w in str(text).split())
 
 
+def requestor_tls(settings: Settings, remote: Remote) -> ssl.SSLContext | None:
+    """The TLS context of an association `associate` opens with `remote` (None unless it
+    goes over TLS): `client_context`'s, capped at TLS 1.2. Raises ConfigError as it does."""
+    context = client_context(settings, remote)
+    if context is not None:
+        # pynetdicom reads its socket without a timeout once connected: TLS 1.3 session
+        # tickets make it look readable, and a peer that then says nothing held the command
+        # for ever (pynetdicom issue #364). TLS 1.2 is what BCP 195 asks for anyway.
+        context.maximum_version = ssl.TLSVersion.TLSv1_2
+    return context
+
+
 def associate(
     ae: AE,
     remote: Remote,
@@ -69,8 +81,8 @@ def associate(
     evt_handlers: Sequence[Handler] = (),
     tls: ssl.SSLContext | None = None,
 ) -> Association:
-    """Open an association with `remote` (over TLS with the `tls` context), or raise
-    NetworkError saying exactly why not.
+    """Open an association with `remote` (over TLS with the `tls` context, which
+    `requestor_tls` makes), or raise NetworkError saying exactly why not.
 
     The error distinguishes name resolution, refused TCP, a failed TLS handshake, timeouts,
     a rejection (with its decoded result, source and reason) and an abort during negotiation.
@@ -112,11 +124,6 @@ def associate(
     handlers = [NODELAY_HANDLER, (evt.EVT_CONN_OPEN, on_conn_open),
                 (evt.EVT_CONN_CLOSE, on_conn_close), (evt.EVT_ACSE_RECV, on_acse_recv),
                 (evt.EVT_PDU_RECV, on_pdu_recv), *evt_handlers]
-    if tls is not None:
-        # pynetdicom reads its socket without a timeout once connected: TLS 1.3 session
-        # tickets make it look readable, and a peer that then says nothing held the command
-        # for ever (pynetdicom issue #364). TLS 1.2 is what BCP 195 asks for anyway.
-        tls.maximum_version = ssl.TLSVersion.TLSv1_2
     started = time.monotonic()
     assoc = ae.associate(
         remote.host,

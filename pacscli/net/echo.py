@@ -17,8 +17,7 @@ from pynetdicom.status import VERIFICATION_SERVICE_CLASS_STATUS
 
 from pacscli.config import Remote, Settings
 from pacscli.errors import NetworkError, PacsError, PeerFailure, UsageError
-from pacscli.net.ae import Watch, abort, associate, make_ae, release
-from pacscli.net.tls import client_context
+from pacscli.net.ae import Watch, abort, associate, make_ae, release, requestor_tls
 from pacscli.records import Record, failed
 
 log = logging.getLogger(__name__)
@@ -74,7 +73,7 @@ def echo(settings: Settings, remote: Remote, *, count: int = 1,
     try:
         assoc = associate(ae, remote, contexts=[build_context(VERIFICATION)],
                           evt_handlers=watch.handlers(),
-                          tls=client_context(settings, remote))
+                          tls=requestor_tls(settings, remote))
     except NetworkError as exc:
         yield failed(exc, **{**record, "assoc_ms": _ms(start)})
         raise

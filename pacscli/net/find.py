@@ -17,9 +17,8 @@ from pynetdicom.presentation import build_context
 from pacscli.config import Remote, Settings
 from pacscli.dicom.query import QR_MODELS, Query, identifier_record
 from pacscli.errors import NetworkError, PacsError, UsageError
-from pacscli.net.ae import Watch, abort, associate, make_ae, release
+from pacscli.net.ae import Watch, abort, associate, make_ae, release, requestor_tls
 from pacscli.net.qr import CANCEL, PENDING, failure, lost
-from pacscli.net.tls import client_context
 from pacscli.records import Record, failed
 
 log = logging.getLogger(__name__)
@@ -59,7 +58,7 @@ def find(settings: Settings, remote: Remote, query: Query, *, limit: int | None 
     try:
         assoc = associate(ae, remote, contexts=[build_context(sop_class)], ext_neg=ext_neg,
                           evt_handlers=watch.handlers(),
-                          tls=client_context(settings, remote))
+                          tls=requestor_tls(settings, remote))
     except NetworkError as exc:
         yield failed(exc, **base)
         raise

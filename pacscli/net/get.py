@@ -42,7 +42,7 @@ from pacscli.errors import (
     PeerFailure,
     UsageError,
 )
-from pacscli.net.ae import Watch, abort, associate, make_ae, release
+from pacscli.net.ae import Watch, abort, associate, make_ae, release, requestor_tls
 from pacscli.net.qr import (
     PENDING,
     RetrieveRequest,
@@ -54,7 +54,6 @@ from pacscli.net.qr import (
     sub_operations,
 )
 from pacscli.net.sop_classes import storage_sop_classes
-from pacscli.net.tls import client_context
 from pacscli.records import Record, failed
 
 log = logging.getLogger(__name__)
@@ -291,7 +290,7 @@ def get(settings: Settings, remote: Remote, requests: Iterable[RetrieveRequest |
                     assoc = associate(ae, remote, contexts=contexts, ext_neg=roles,
                                       evt_handlers=[*watch.handlers(),
                                                     (evt.EVT_C_STORE, receiver.handle)],
-                                      tls=client_context(settings, remote))
+                                      tls=requestor_tls(settings, remote))
                 except NetworkError as exc:
                     yield failed(exc, **request.fields(), remote=str(remote))
                     raise

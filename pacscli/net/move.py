@@ -24,7 +24,7 @@ from pacscli.archive.archive import Archive
 from pacscli.config import Remote, Settings
 from pacscli.dicom.query import QR_MODELS, check_level, normalize_model
 from pacscli.errors import NetworkError, PacsError, PeerFailure, UsageError
-from pacscli.net.ae import Watch, abort, associate, make_ae, release
+from pacscli.net.ae import Watch, abort, associate, make_ae, release, requestor_tls
 from pacscli.net.qr import (
     PENDING,
     RetrieveRequest,
@@ -36,7 +36,6 @@ from pacscli.net.qr import (
     status_text,
     sub_operations,
 )
-from pacscli.net.tls import client_context
 from pacscli.records import Record, failed
 
 log = logging.getLogger(__name__)
@@ -150,7 +149,7 @@ def move(settings: Settings, remote: Remote, requests: Iterable[RetrieveRequest 
             if assoc is None:
                 try:
                     assoc = associate(ae, remote, contexts=contexts, evt_handlers=watch.handlers(),
-                                      tls=client_context(settings, remote))
+                                      tls=requestor_tls(settings, remote))
                 except NetworkError as exc:
                     yield failed(exc, **base)
                     raise

@@ -186,6 +186,24 @@ def test_without_a_ca_the_peer_name_is_checked(tmp_path: Path, pki: Pki) -> None
     assert own_ca is not None and not own_ca.check_hostname
 
 
+def test_only_associations_pynetdicom_runs_are_capped_at_tls_1_2(tmp_path: Path, pki: Pki) -> None:
+    """pynetdicom's requestors (echo, find, move, get) get a context capped at TLS 1.2, each
+    a fresh one; our own requestor (store) keeps TLS 1.3. `associate` used to set the cap on
+    whatever context it was given."""
+    import ssl
+
+    from pacscli.config import Remote, Settings, TlsSettings
+    from pacscli.net.ae import requestor_tls
+    from pacscli.net.tls import client_context
+
+    remote = Remote("X", "127.0.0.1", 104, tls=True)
+    settings = Settings(archive=tmp_path, tls=TlsSettings(ca=str(pki.ca)))
+    ours, theirs = client_context(settings, remote), requestor_tls(settings, remote)
+    assert ours is not None and ours.maximum_version == ssl.TLSVersion.MAXIMUM_SUPPORTED
+    assert theirs is not None and theirs.maximum_version == ssl.TLSVersion.TLSv1_2
+    assert requestor_tls(settings, Remote("X", "127.0.0.1", 104)) is None
+
+
 def test_an_encrypted_key_is_a_config_error_not_a_prompt(tmp_path: Path, pki: Pki) -> None:
     """A passphrase was asked on the terminal (or, without one, 'Invalid argument')."""
     from cryptography.hazmat.primitives import serialization
