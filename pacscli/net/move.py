@@ -56,7 +56,7 @@ class StorageReceiver:
         # Over TLS when the retrieve is (`move --tls`): what comes back must not be in the clear.
         serve = replace(settings.serve, allow=(), require_called_aet=True,
                         tls=settings.serve.tls or tls)
-        self._lock = threading.Lock()
+        self._lock = threading.Condition()
         self.stored = 0
         self.refused = 0
         self._server = DicomServer(settings.with_changes(ae_title=ae_title, serve=serve),
@@ -68,12 +68,20 @@ class StorageReceiver:
                 self.refused += 1
             else:
                 self.stored += 1
+                self._lock.notify_all()
         log.info("received %s: %s", record.get("SOPInstanceUID"), record.get("status"))
 
     def counts(self) -> tuple[int, int]:
         """(stored, refused) so far."""
         with self._lock:
             return self.stored, self.refused
+
+    def wait_for(self, stored: int, timeout: float) -> int:
+        """How many were stored, once `stored` were or after `timeout` s. A record comes
+        just after its C-STORE response: the peer may report the sub-operation done first."""
+        with self._lock:
+            self._lock.wait_for(lambda: self.stored >= stored, timeout)
+            return self.stored
 
     def start(self, bind: str, port: int) -> tuple[str, int]:
         """Listen in the background; return the bound address."""
@@ -102,6 +110,17 @@ def _reach_hint(remote: Remote, dest: str, receiving: tuple[str, int] | None) ->
     return (f"; can {remote.ae_title} connect to {dest} at the address it has for it, and "
             f"does {dest} accept these instances' SOP classes and transfer syntaxes? "
             f"{remote.ae_title}'s log says which")
+
+
+def _not_received(record: Record, remote: Remote, dest: str, sent_to_dest: int,
+                  receiving: tuple[str, int] | None) -> Record:
+    """A C-MOVE the peer reports done whose instances did not all reach `--receive`: they
+    went to another node known to the peer as `dest`, so not where the user asked."""
+    where = f", port {receiving[1]}" if receiving is not None else ""
+    error = PacsError(f"{remote} reports {sent_to_dest} instance(s) sent to {dest}, but "
+                      f"{record['received']} arrived here: {remote.ae_title} must know {dest} "
+                      f"as this host{where}", code="not-received")
+    return failed(error, **{k: v for k, v in record.items() if k not in ("status", "error")})
 
 
 def move(settings: Settings, remote: Remote, requests: Iterable[RetrieveRequest | Record],
@@ -191,10 +210,13 @@ def move(settings: Settings, remote: Remote, requests: Iterable[RetrieveRequest 
                 yield failed(exc, **base, elapsed_ms=_ms(started))
                 continue
             record = {**base, **record, "elapsed_ms": _ms(started)}
-            if receiver is not None:
-                record["received"] = receiver.counts()[0] - before
             if record["failed"] and not record["completed"]:
                 record["error"]["message"] += _reach_hint(remote, dest, receiving)
+            if receiver is not None:
+                sent_to_dest = (record.get("completed") or 0) + (record.get("warning") or 0)
+                record["received"] = receiver.wait_for(before + sent_to_dest, 0.5) - before
+                if record["received"] < sent_to_dest and record["status"] != "failed":
+                    record = _not_received(record, remote, dest, sent_to_dest, receiving)
             yield record
     except BaseException:
         if assoc is not None:

@@ -213,6 +213,24 @@ def test_receive_on_a_port_the_remote_does_not_know(peers: Peers, tmp_path: Path
     assert f"QRSCP must send PACSCLI to this host, port {port}" in result.stderr
 
 
+def test_receive_as_an_ae_title_the_remote_sends_elsewhere_fails(peers: Peers, storescp: StoreSCP,
+                                                                 tmp_path: Path) -> None:
+    """`--receive --aet STORESCP`: dcmqrscp sends STORESCP's instances to storescp's port and
+    reports them done. Nothing reached the archive asked for, and move said `ok`, exit 0."""
+    port = free_port()
+    result = run_pacs(tmp_path, "move", peers.qrscp.remote, "--receive", "--aet", "STORESCP",
+                      "--port", str(port), "--bind", "127.0.0.1",
+                      "--archive", str(tmp_path / "archive"), "--study", HOLMES_STUDY_1)
+    assert result.returncode == 1, result.stderr
+    [record] = records(result)
+    assert (record["status"], record["completed"], record["received"]) == ("failed", 3, 0)
+    assert record["error"] == {
+        "code": "not-received",
+        "message": f"{peers.qrscp.remote} reports 3 instance(s) sent to STORESCP, but 0 arrived "
+                   f"here: QRSCP must know STORESCP as this host, port {port}"}
+    assert storescp.received() == sop_uids_of_studies(peers.files, [HOLMES_STUDY_1])
+
+
 def test_slow_input_outlives_the_association(peers: Peers, storescp: StoreSCP,
                                              tmp_path: Path) -> None:
     """`find | move` where records come slower than the association's idle timeout."""
