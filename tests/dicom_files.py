@@ -148,3 +148,15 @@ def dead_pid() -> int:
     proc = subprocess.Popen([sys.executable, "-c", "pass"])
     proc.wait()
     return proc.pid
+
+
+def write_non_ascii_sop_class(path: Path) -> Path:
+    """CT_small.dcm with the first two bytes of its dataset's SOP Class UID made "é" in
+    UTF-8; the file meta's stays right, so senders propose and name the real class."""
+    from pydicom.data import get_testdata_file
+
+    data = bytearray(Path(str(get_testdata_file("CT_small.dcm"))).read_bytes())
+    value = data.index(b"1.2.840.10008.5.1.4.1.1.2", data.index(b"\x08\x00\x16\x00"))
+    data[value:value + 2] = "é".encode()
+    path.write_bytes(bytes(data))
+    return path

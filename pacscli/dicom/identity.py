@@ -48,6 +48,7 @@ from pacscli.dicom.uids import (
     TRANSFER_SYNTAXES,
     clean_uid,
     require_safe_uid,
+    require_sop_class,
 )
 from pacscli.errors import InvalidDicomError
 
@@ -299,7 +300,7 @@ def _build_info(attributes: dict[str, str | None], charset: str | None, transfer
     sop_class = clean_uid(attributes["SOPClassUID"] or meta_sop_class)
     if not sop_class:
         raise InvalidDicomError("the instance has no SOP Class UID")
-    attributes["SOPClassUID"] = sop_class
+    attributes["SOPClassUID"] = require_sop_class(sop_class)
     return InstanceInfo(
         study_uid=study_uid,
         series_uid=series_uid,

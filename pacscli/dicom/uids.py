@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import re
 
-from pacscli.errors import UnsafeUIDError
+from pacscli.errors import InvalidDicomError, UnsafeUIDError
 
 # Digits and dots, no empty component. Leading zeros are tolerated: real devices send them.
 _SAFE_UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
@@ -31,6 +31,15 @@ def require_safe_uid(value: object, keyword: str) -> str:
         raise UnsafeUIDError(f"{keyword} is {len(uid)} characters long (at most 64): {uid!r}")
     if not is_safe_uid(uid):
         raise UnsafeUIDError(f"{keyword} {uid!r} is not digits and dots with no empty component")
+    return uid
+
+
+def require_sop_class(uid: str) -> str:
+    """`uid` (cleaned) when it can be a SOP Class UID: it goes into file metas and into
+    association negotiation, where only a UID will do. Raises InvalidDicomError."""
+    if not is_safe_uid(uid):
+        raise InvalidDicomError(f"the SOP Class UID {uid!r} is not a UID (1 to 64 characters "
+                                "of digits and dots)")
     return uid
 
 

@@ -35,6 +35,7 @@ from pacscli.dicom.uids import (
     UNCOMPRESSED_SYNTAXES,
     clean_uid,
     is_encapsulated,
+    require_sop_class,
     uid_name,
 )
 from pacscli.errors import InvalidDicomError, NetworkError, PacsError, UsageError
@@ -221,8 +222,8 @@ def scan(path: Path) -> Instance:
                          "sent the dataset's")
         elif text is not None and _is_padded(text):
             fixes.append(f"{meta_keyword} padding removed")
-    return Instance(path, values["SOPClassUID"], values["SOPInstanceUID"], transfer_syntax,
-                    offset, tuple(fixes), odd, odd_length)
+    return Instance(path, require_sop_class(values["SOPClassUID"]), values["SOPInstanceUID"],
+                    transfer_syntax, offset, tuple(fixes), odd, odd_length)
 
 
 def _files(path: Path) -> Iterator[Path | Record]:

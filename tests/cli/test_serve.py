@@ -29,6 +29,7 @@ from tests.conftest import (
     testdata,
     wait_for_port,
 )
+from tests.dicom_files import write_non_ascii_sop_class
 
 
 def records(server: Server) -> list[dict[str, object]]:
@@ -233,6 +234,26 @@ def test_a_truncated_dataset_is_refused_and_replaces_nothing(tmp_path: Path) -> 
     assert (server.archive / rel).read_bytes()[-1000:] == data[-1000:]
     assert not (server.archive / ".replaced").exists()
     assert archived_files(server.archive) == [server.archive / rel]
+
+
+def test_a_sop_class_uid_that_is_not_a_uid_is_refused_and_the_association_goes_on(
+        tmp_path: Path) -> None:
+    """A dataset whose SOP Class UID holds non-ASCII bytes (its file meta's is right): the
+    file meta could not be written, and the handler's traceback aborted dcmsend's
+    association, the next file with it. Now 0xC000 and a failed record; the next is stored."""
+    bad = write_non_ascii_sop_class(tmp_path / "bad.dcm")
+    server = start_server(tmp_path / "serve")
+    try:
+        result = dcmsend(server, bad, testdata("explicit_le"))
+    finally:
+        server.stop()
+    assert "Peer aborted" not in result.stdout + result.stderr
+    refused, stored = records(server)
+    assert refused["status"] == "failed" and refused["dimse_status"] == 0xC000
+    assert str(refused["error"]).count("is not a UID") == 1
+    assert stored["outcome"] == "stored"
+    assert "Traceback" not in server.stderr()
+    assert len(index_rows(server.archive)) == 1
 
 
 @pytest.mark.parametrize("field,value", [

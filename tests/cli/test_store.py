@@ -38,6 +38,7 @@ from tests.conftest import (
     testdata,
     wait_for_port,
 )
+from tests.dicom_files import write_non_ascii_sop_class
 from tests.net.test_store import vanishing_peer, write_odd_fragments, write_padded_uid
 
 ENCAPSULATED_PDF = "1.2.840.10008.5.1.4.1.1.104.1"
@@ -269,6 +270,23 @@ def test_truncated_files_fail_and_are_not_sent(tmp_path: Path, storescp: Storesc
     bad, good = records(result)
     assert bad["path"] == str(cut) and bad["status"] == "failed"
     assert bad["error"]["code"] == "truncated" and "(7FE0,0010) declares" in bad["error"]["message"]
+    assert good["status"] == "ok"
+    assert len(list(out.iterdir())) == 1
+
+
+def test_a_sop_class_uid_that_is_not_a_uid_fails_that_file_only(tmp_path: Path,
+                                                                 storescp: Storescp) -> None:
+    """A dataset SOP Class UID with non-ASCII bytes could not be proposed: the whole run
+    stopped at the association request (exit 2, no records). Now that file fails."""
+    remote, out = storescp()
+    bad = write_non_ascii_sop_class(tmp_path / "bad.dcm")
+    result = pacs_store(tmp_path, remote, str(bad), str(testdata("explicit_le")))
+    assert result.returncode == 1, result.stderr
+    refused, good = records(result)
+    assert refused["path"] == str(bad) and refused["status"] == "failed"
+    assert refused["error"] == {"code": "invalid-dicom", "message":
+                                "the SOP Class UID '\u00c3\u00a92.840.10008.5.1.4.1.1.2' is not a "
+                                "UID (1 to 64 characters of digits and dots)"}
     assert good["status"] == "ok"
     assert len(list(out.iterdir())) == 1
 
