@@ -19,7 +19,7 @@ from pynetdicom.presentation import PresentationContext
 from pacscli import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
 from pacscli.config import Remote, Settings
 from pacscli.errors import NetworkError
-from pacscli.net.diagnose import diagnose_connection, rejection_text
+from pacscli.net.diagnose import abort_text, diagnose_connection, rejection_text
 from pacscli.net.pdu import Rejection
 from pacscli.net.tls import client_context, diagnose_handshake
 
@@ -117,9 +117,13 @@ def associate(
 
     rejections: list[Rejection] = []
 
+    aborts: list[str] = []  # who sent each A-ABORT and why
+
     def on_pdu_recv(event: evt.Event) -> None:
         if type(event.pdu).__name__ == "A_ASSOCIATE_RJ":
             rejections.append(_kept_rejection(event.pdu))
+        elif type(event.pdu).__name__ == "A_ABORT_RQ":
+            aborts.append(abort_text(int(event.pdu.source), int(event.pdu.reason_diagnostic)))
 
     handlers = [NODELAY_HANDLER, (evt.EVT_CONN_OPEN, on_conn_open),
                 (evt.EVT_CONN_CLOSE, on_conn_close), (evt.EVT_ACSE_RECV, on_acse_recv),
@@ -175,6 +179,11 @@ def associate(
                            code="connection-failed")
     # pynetdicom marks the association aborted however negotiation ended; what it received
     # tells the peer's A-ABORT from a closed connection, bytes that are not DICOM, or silence.
+    # pynetdicom gives an A-ABORT from the peer's service provider as A_P_ABORT: the PDU
+    # itself tells it from bytes that are not DICOM.
+    if aborts:
+        raise NetworkError(f"{remote} aborted the association during negotiation (A-ABORT "
+                           f"from {aborts[0]})", code="association-aborted")
     if "A_ABORT" in happened:
         raise NetworkError(f"{remote} aborted the association during negotiation",
                            code="association-aborted")

@@ -22,7 +22,7 @@ from pathlib import Path
 from pacscli import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
 from pacscli.config import Remote, Settings
 from pacscli.errors import InvalidDicomError, NetworkError, UsageError
-from pacscli.net.diagnose import diagnose_connection, rejection_text
+from pacscli.net.diagnose import abort_text, diagnose_connection, rejection_text
 from pacscli.net.dimse import C_STORE_RQ, C_STORE_RSP, HAS_DATASET, encode_command
 from pacscli.net.pdu import (
     ACCEPTANCE,
@@ -241,6 +241,9 @@ def request_association(settings: Settings, remote: Remote, contexts: Sequence[P
         raise NetworkError(f"association rejected by {remote}: {why}", code="association-rejected")
     if pdu_type != A_ASSOCIATE_AC_TYPE:
         assoc.close()
+        if pdu_type == A_ABORT_TYPE and len(body) == 4:
+            raise NetworkError(f"{remote} aborted the association during negotiation (A-ABORT "
+                               f"from {abort_text(body[2], body[3])})", code="association-aborted")
         kind = "aborted the association" if pdu_type == A_ABORT_TYPE else f"sent PDU 0x{pdu_type:02x}"
         raise NetworkError(f"{remote} {kind} during negotiation", code="association-aborted")
     try:

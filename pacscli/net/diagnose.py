@@ -23,6 +23,21 @@ def rejection_text(rejection: Rejection, ae_title: str, remote: Remote) -> str:
     return text
 
 
+_ABORT_REASONS = {1: "unrecognised PDU", 2: "unexpected PDU", 4: "unrecognised PDU parameter",
+                  5: "unexpected PDU parameter", 6: "invalid PDU parameter value"}
+
+
+def abort_text(source: int, reason: int) -> str:
+    """Who sent an A-ABORT and why, from its source and reason fields (PS3.8 9.3.8):
+    'the service provider, for an unexpected PDU'."""
+    if source == 0:
+        return "the service user"  # its reason field is not significant then
+    if source == 2:
+        why = _ABORT_REASONS.get(reason)
+        return "the service provider" + (f", for an {why}" if why else ", reason not specified")
+    return f"source {source} (reserved), reason {reason}"
+
+
 def diagnose_connection(remote: Remote, timeout: float) -> str:
     """Why a TCP connection to `remote` fails, in words a field engineer can act on."""
     try:

@@ -192,6 +192,22 @@ def test_echo_peer_that_is_not_dicom(tmp_path: Path, answer: bytes | None, says:
     assert "aborted" not in result.stderr
 
 
+@pytest.mark.parametrize("source, reason, says", [
+    (2, 2, "A-ABORT from the service provider, for an unexpected PDU"),
+    (2, 0, "A-ABORT from the service provider, reason not specified"),
+    (0, 0, "A-ABORT from the service user"),
+])
+def test_echo_peer_aborting_the_association_request(tmp_path: Path, source: int, reason: int,
+                                                    says: str) -> None:
+    """An A-ABORT in answer to the association request, with who sent it and why. One from
+    the service provider was called "something that is not DICOM"."""
+    abort = bytes([0x07, 0, 0, 0, 0, 4, 0, 0, source, reason])
+    result = pacs_echo(tmp_path, f"X@127.0.0.1:{_raw_peer(abort)}", "--timeout", "5")
+    assert result.returncode == 3
+    assert f"aborted the association during negotiation ({says})" in result.stderr, result.stderr
+    assert records(result)[0]["error"]["code"] == "association-aborted"
+
+
 def test_echo_unresolvable_host(tmp_path: Path) -> None:
     result = pacs_echo(tmp_path, "X@no-such-host.invalid:104")
     assert result.returncode == 3

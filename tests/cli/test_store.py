@@ -291,6 +291,16 @@ def test_a_sop_class_uid_that_is_not_a_uid_fails_that_file_only(tmp_path: Path,
     assert len(list(out.iterdir())) == 1
 
 
+def test_a_peer_aborting_the_association_request_is_named_with_why(tmp_path: Path) -> None:
+    from tests.cli.test_echo import _raw_peer
+
+    port = _raw_peer(bytes([0x07, 0, 0, 0, 0, 4, 0, 0, 2, 1]))
+    result = pacs_store(tmp_path, f"X@127.0.0.1:{port}", str(testdata("explicit_le")))
+    assert result.returncode == 3
+    assert (f"X@127.0.0.1:{port} aborted the association during negotiation (A-ABORT from the "
+            "service provider, for an unrecognised PDU)") in result.stderr
+
+
 def test_unencodable_file_fails_in_one_line(tmp_path: Path, storescp: Storescp) -> None:
     """SC_rgb_jpeg.dcm's file meta says JPEG, its dataset is implicit VR: converting it for an
     uncompressed-only peer fails in pydicom's writer, whose message carries a traceback; the
