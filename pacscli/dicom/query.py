@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import copy
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -321,6 +322,58 @@ def build_query(level: str, keys: Iterable[str] = (), *, model: str = "study",
     if "SpecificCharacterSet" not in ds and not _all_text(ds).isascii():
         ds.SpecificCharacterSet = "ISO_IR 192"
     return Query(level, model_name, ds, order)
+
+
+def levels_of(model: str, level: str) -> list[str]:
+    """The levels of a model from its top down to `level`: ['STUDY', 'SERIES'] in Study Root."""
+    top = 0 if model == "patient" else 1
+    return list(LEVELS[top:LEVELS.index(level) + 1])
+
+
+def _single_value(elem: DataElement) -> bool:
+    text = value_text(elem.value)
+    return text is not None and not any(c in text for c in "\\*?")
+
+
+def needs_relational(query: Query) -> bool:
+    """Does the query match on a key of a level above its own, other than that level's
+    unique key given as one value? A hierarchical query may not (PS3.4 C.4.1.2.1): only a
+    peer that agrees to relational queries (C.4.1.2.2) honours such a key."""
+    for elem in query.identifier:
+        keyword = elem.keyword or ""
+        owner = level_of(keyword, query.model)
+        if keyword in SERVICE_KEYS or owner is None or \
+                LEVELS.index(owner) >= LEVELS.index(query.level):
+            continue
+        if elem.VR == "SQ":
+            matching = bool(elem.value) and has_matching_keys(elem.value[0])
+        else:
+            matching = not is_universal(elem.value, elem.VR)
+        if matching and not (keyword == UNIQUE_KEYS[owner] and _single_value(elem)):
+            return True
+    return False
+
+
+def level_identifier(query: Query, level: str, parent: Mapping[str, Any]) -> Dataset:
+    """The identifier asking `level` for its part of a relational `query`, hierarchically:
+    the keys of that level (a key of no known level goes with the query's own level), the
+    unique key of each level above as `parent` (a record of the levels above) gives it,
+    and the level's own unique key."""
+    ds = Dataset()
+    ds.QueryRetrieveLevel = level
+    if "SpecificCharacterSet" in query.identifier:
+        ds.SpecificCharacterSet = query.identifier.SpecificCharacterSet
+    for elem in query.identifier:
+        keyword = elem.keyword or ""
+        if keyword in ("QueryRetrieveLevel", "SpecificCharacterSet"):
+            continue
+        if (level_of(keyword, query.model) or query.level) == level:
+            ds.add(copy.deepcopy(elem))
+    for upper in levels_of(query.model, level)[:-1]:
+        set_key(ds, [tag_of(UNIQUE_KEYS[upper])], record_text(parent, UNIQUE_KEYS[upper]) or "")
+    if UNIQUE_KEYS[level] not in ds:
+        set_key(ds, [tag_of(UNIQUE_KEYS[level])], "")
+    return ds
 
 
 def _all_text(ds: Dataset) -> str:

@@ -122,6 +122,12 @@ SAME_QUERIES = [
     ("image", ["-kInstanceNumber", f"-kStudyInstanceUID={HOLMES_STUDY_1}",
                f"-kSeriesInstanceUID={HOLMES_SERIES_1}"]),
     ("image", ["-kInstanceNumber", f"-kSOPInstanceUID={HOLMES_SERIES_1.replace('.2.1', '.3.1')}.2"]),
+    # Relational: keys of a level above the query's. dcmqrscp does not agree to relational
+    # queries and ignores them, so find asks it level by level.
+    ("series", ["-kModality", "-kSeriesNumber", "-kPatientID=HOLMES1"]),
+    ("series", ["-kModality=CT", "-kStudyDate=20240115", "-kPatientName"]),
+    ("image", ["-kInstanceNumber", "-kPatientName=Holmes*", "-kModality"]),
+    ("image", ["-kInstanceNumber", "-kPatientID=HOLMES1", f"-kSeriesInstanceUID={HOLMES_SERIES_1}"]),
 ]
 
 
@@ -143,7 +149,9 @@ def test_archive_gives_the_same_records_as_dcmqrscp(peer: tuple[Dcmqrscp, Path],
 def test_archive_gives_the_same_records_in_patient_root(peer: tuple[Dcmqrscp, Path],
                                                         tmp_path: Path) -> None:
     for level, keys in (("patient", ["-kPatientName=Holmes*", "-kPatientBirthDate", "-kPatientSex"]),
-                        ("study", ["-kPatientID=HOLMES1", "-kStudyDate", "-kAccessionNumber"])):
+                        ("study", ["-kPatientID=HOLMES1", "-kStudyDate", "-kAccessionNumber"]),
+                        ("study", ["-kPatientName=Holmes*", "-kStudyDate"]),
+                        ("series", ["-kPatientName=Holmes*", "-kModality"])):
         args = ("--model", "patient", "--level", level, "--no-defaults", *keys)
         remote = _comparable(find(peer, tmp_path, *args))
         assert remote and _comparable(find(peer, tmp_path, *args, local=True)) == remote
@@ -154,6 +162,22 @@ def test_limit_cancels_the_query(peer: tuple[Dcmqrscp, Path], tmp_path: Path) ->
     assert result.returncode == 0, result.stderr
     assert len(records(result)) == 2
     assert len(records(find(peer, tmp_path, "--limit", "2", local=True))) == 2
+    for limit in ("1", "3"):  # level by level: the limit spans the C-FINDs of several series
+        walked = find(peer, tmp_path, "--level", "image", "-k", "PatientName=Holmes*",
+                      "--limit", limit)
+        assert walked.returncode == 0, walked.stderr
+        assert len(records(walked)) == int(limit)
+
+
+def test_a_relational_query_to_a_hierarchical_peer_is_asked_level_by_level(
+        peer: tuple[Dcmqrscp, Path], tmp_path: Path) -> None:
+    """dcmqrscp ignores a series query's PatientID (a study-level key in Study Root): sent as
+    it was, every series in it came back, and `find | move` moved them all."""
+    result = find(peer, tmp_path, "--level", "series", "-k", "PatientID=HOLMES1", "-v")
+    assert uids(result, "SeriesInstanceUID") == {HOLMES_SERIES_1, HOLMES_SERIES_1[:-1] + "2",
+                                                  HOLMES_SERIES_1[:-1] + "3"}
+    assert all(r["PatientID"] == "HOLMES1" for r in records(result))
+    assert "did not agree to relational queries: querying level by level" in result.stderr
 
 
 def test_case_insensitive_names(peer: tuple[Dcmqrscp, Path], tmp_path: Path) -> None:
