@@ -378,7 +378,17 @@ def rebuild_index(root: Path, storage: StorageSettings, *, jobs: int = 1,
     notes: list[Record] = []
     archive, external = _emptied(root, storage, notes)
     with closing(archive):
-        files = [str(root / rel) for rel in archive_files(root)]
+        unlistable: list[tuple[Path, OSError]] = []
+        files = []
+        for rel in archive_files(root, unlistable):
+            if _regular(root / rel):
+                files.append(str(root / rel))
+            else:  # never opened: a FIFO would block for ever
+                notes.append(not_a_file(str(root / rel)))
+        notes.extend(failed(PacsError(f"cannot list {folder}: {exc.strerror or exc}; its "
+                                      "instances are not in the new index",
+                                      code="unreadable"), path=str(folder))
+                     for folder, exc in unlistable)
         for path in external:
             if os.path.isfile(path):
                 files.append(path)
@@ -412,6 +422,13 @@ def _emptied(root: Path, storage: StorageSettings, notes: list[Record]) -> tuple
         notes.append(_set_aside_index(root, exc))
         archive = Archive(root, storage)
     return archive, external
+
+
+def _regular(path: Path) -> bool:
+    try:
+        return stat.S_ISREG(path.lstat().st_mode)
+    except OSError:
+        return False
 
 
 def _mtime_key(path: str) -> tuple[float, str]:

@@ -60,10 +60,10 @@ Progress = Callable[[int, int], None]
 
 PROBLEMS = ("missing", "unreadable", "size-mismatch", "checksum-mismatch", "empty", "not-dicom",
             "no-preamble", "truncated", "invalid-dicom", "uid-mismatch", "unindexed",
-            "leftover-temp")
+            "leftover-temp", "unlistable")
 # Problems of a file whose bytes are not those indexed, or do not parse: quarantined.
 _CORRUPT = frozenset(PROBLEMS) - {"missing", "unreadable", "uid-mismatch", "unindexed",
-                                  "leftover-temp"}
+                                  "leftover-temp", "unlistable"}
 IN_FLIGHT_SECONDS = 90.0  # longer than a writer can wait for the index (60 s busy timeout)
 _RANGE = 256  # rows per unit of work
 _UIDS = ((STUDY_INSTANCE_UID, "StudyInstanceUID", "study_uid"),
@@ -206,9 +206,10 @@ def _staging(root: Path) -> tuple[list[Path], bool]:
     return leftovers, writer
 
 
-def archive_files(root: Path) -> list[str]:
+def archive_files(root: Path, unlistable: list[tuple[Path, OSError]]) -> list[str]:
     """Archive-relative paths of the files among the instances: everything outside the
-    dot-folders, but the index."""
+    dot-folders, but the index. Folders that cannot be listed are added to `unlistable`
+    (with why): their files are not there to check, or to index."""
     found: list[str] = []
     stack = [""]
     while stack:
@@ -216,7 +217,7 @@ def archive_files(root: Path) -> list[str]:
         try:
             entries = list(os.scandir(root / rel if rel else root))
         except OSError as exc:
-            log.warning("cannot list %s: %s", root / rel, exc)
+            unlistable.append((root / rel, exc))
             continue
         for entry in entries:
             if entry.name.startswith("."):
@@ -260,7 +261,8 @@ def verify_archive(root: Path, storage: StorageSettings | None = None, *, quick:
     # Staging first: opening an Archive (a repair may) clears staging folders of dead
     # processes, so leftovers are found, and repaired, before anything else.
     leftovers, writer = _staging(root)
-    on_disk = archive_files(root)
+    unlistable: list[tuple[Path, OSError]] = []
+    on_disk = archive_files(root, unlistable)
     summary.files = len(on_disk)
     index = Index(root / layout.INDEX_FILE)
     fixer = _Repairer(root, storage or StorageSettings(), index) if repair else None
@@ -274,6 +276,9 @@ def verify_archive(root: Path, storage: StorageSettings | None = None, *, quick:
         return record
 
     try:
+        for folder, exc in unlistable:
+            yield found(problem("unlistable", f"a folder of the archive that cannot be listed "
+                                f"({exc.strerror or exc}): its files were not checked", folder))
         for path in leftovers:
             yield found(problem("leftover-temp", "a temporary file left by a process that no "
                                 "longer runs", path))
@@ -345,14 +350,20 @@ def _unindexed(root: Path, index: Index, on_disk: list[str], writer: bool,
     for rel in candidates:
         path = root / rel
         try:
-            changed = path.stat().st_ctime
+            st = path.lstat()  # a link is not followed: to a loop, nowhere, or out of the archive
         except FileNotFoundError:
             continue  # gone meanwhile (a put that failed and cleaned up)
+        except OSError as exc:
+            yield problem("unreadable", f"cannot look at the file: {exc.strerror or exc}", path)
+            continue
         if index.file_at(rel) is not None:
             continue  # indexed meanwhile
-        if writer and now - changed < IN_FLIGHT_SECONDS:
+        if writer and now - st.st_ctime < IN_FLIGHT_SECONDS:
             summary.in_flight += 1
             log.info("%s is not indexed yet but may be in flight: not reported", path)
+            continue
+        if not stat.S_ISREG(st.st_mode):  # never opened: a FIFO would block for ever
+            yield problem("unindexed", f"{_kind(st.st_mode)} in the archive, not a file", path)
             continue
         record = problem("unindexed", "a file in the archive the index does not know", path)
         try:
@@ -363,6 +374,24 @@ def _unindexed(root: Path, index: Index, on_disk: list[str], writer: bool,
         except (InvalidDicomError, OSError):
             pass
         yield record
+
+
+def _kind(mode: int) -> str:
+    """'a symbolic link', 'a FIFO'...: what a path that is not a regular file is."""
+    kinds = ((stat.S_ISLNK, "a symbolic link"), (stat.S_ISFIFO, "a FIFO"),
+             (stat.S_ISSOCK, "a socket"), (stat.S_ISCHR, "a character device"),
+             (stat.S_ISBLK, "a block device"))
+    return next((name for test, name in kinds if test(mode)), "something")
+
+
+def _check_whole(path: Path) -> None:
+    """Raise InvalidDicomError unless `path` is a regular file holding a whole Part 10
+    instance, as `pacs index` checks it: `Archive.index_in_place` reads only the header."""
+    st = path.lstat()
+    if not stat.S_ISREG(st.st_mode):
+        raise InvalidDicomError(f"{_kind(st.st_mode)}, not a file", code="not-a-file")
+    with Part10File(path) as f:
+        scan_part10(f.data)
 
 
 class _Repairer:
@@ -416,6 +445,7 @@ class _Repairer:
                 record["quarantine_path"] = str(self.quarantine.move(path))
                 done = "quarantined"
             elif code == "uid-mismatch":
+                _check_whole(path)
                 self.archive.index_in_place(path)
                 done = "reindexed"
             elif code == "unindexed":
@@ -444,6 +474,7 @@ class _Repairer:
 
     def _index_or_quarantine(self, path: Path, record: Record) -> str:
         try:
+            _check_whole(path)
             result = self.archive.index_in_place(path)
         except InvalidDicomError as exc:
             record["repair_reason"] = exc.message

@@ -4,6 +4,7 @@ anything, files in flight left alone."""
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import sqlite3
 import subprocess
@@ -242,3 +243,86 @@ def test_a_repair_keeps_the_row_of_an_instance_received_again_since_the_check(tm
     index.close()
     problems, _ = run_verify(root)
     assert problems == []
+
+
+def _unlistable(folder: Path) -> list[str]:
+    """A command prefix under which `folder` cannot be listed: chmod 000 stops only a user
+    without CAP_DAC_OVERRIDE, so root runs the command with those capabilities dropped."""
+    folder.chmod(0)
+    if os.geteuid() != 0:
+        return []
+    drop = "-dac_override,-dac_read_search"
+    return ["setpriv", f"--bounding-set={drop}", f"--inh-caps={drop}", "--"]
+
+
+def test_what_is_not_a_file_among_the_instances_is_named_never_opened(tmp_path: Path) -> None:
+    """A FIFO hung verify and index --rebuild for ever (opening it waits for a writer); a
+    link to itself ended verify in a traceback, and a dangling link passed unreported."""
+    root, stored = make_archive(tmp_path, count=2)
+    folder = Path(stored[0]["path"]).parent
+    os.mkfifo(folder / "fifo")
+    (folder / "loop").symlink_to("loop")
+    (folder / "dangling.dcm").symlink_to(tmp_path / "nowhere")
+    old = 1_000_000_000  # not in flight
+    for name in ("fifo", "loop", "dangling.dcm"):
+        os.utime(folder / name, (old, old), follow_symlinks=False)
+    problems, summary = run_verify(root)
+    assert {(r["problem"], Path(r["path"]).name, r["error"]["message"]) for r in problems} == {
+        ("unindexed", "fifo", "a FIFO in the archive, not a file"),
+        ("unindexed", "loop", "a symbolic link in the archive, not a file"),
+        ("unindexed", "dangling.dcm", "a symbolic link in the archive, not a file")}
+    assert exit_code(summary) == 1
+
+    rebuilt = subprocess.run([sys.executable, "-m", "pacscli", "index", "--rebuild",
+                              "--archive", str(root)], capture_output=True, text=True,
+                             timeout=60, stdin=subprocess.DEVNULL)
+    records = [json.loads(line) for line in rebuilt.stdout.splitlines()]
+    assert {Path(r["path"]).name for r in records if r["status"] == "skipped"} == {
+        "fifo", "loop", "dangling.dcm"}
+    assert sum(r.get("outcome") == "indexed" for r in records) == 2
+
+    problems, summary = run_verify(root, repair=True)
+    assert {r["repair"] for r in problems} == {"quarantined"}
+    assert sorted(os.listdir(folder)) == [Path(stored[0]["path"]).name]
+    assert run_verify(root)[0] == []
+
+
+def test_a_folder_that_cannot_be_listed_is_a_problem_and_fails_a_rebuild(tmp_path: Path) -> None:
+    """Its files went unchecked with exit 0, and a rebuild dropped its instances from the
+    index with exit 0: only a log line said so."""
+    root, stored = make_archive(tmp_path, count=3)
+    folder = Path(stored[0]["path"]).parent
+    prefix = _unlistable(folder)
+    try:
+        runs = {}
+        for args in (["verify"], ["index", "--rebuild"]):
+            result = subprocess.run([*prefix, sys.executable, "-m", "pacscli", *args,
+                                     "--archive", str(root)], capture_output=True, text=True,
+                                    timeout=60, stdin=subprocess.DEVNULL)
+            runs[args[0]] = (result.returncode,
+                             [json.loads(line) for line in result.stdout.splitlines()])
+    finally:
+        folder.chmod(0o755)
+    code, records = runs["verify"]
+    assert code == 1
+    assert sorted((r["problem"], r["path"]) for r in records[:-1]) == [
+        ("unlistable", str(folder)), ("unreadable", stored[0]["path"])]  # its indexed file
+    code, records = runs["index"]
+    assert code == 1
+    [failure] = [r for r in records if r["status"] == "failed"]
+    assert failure["path"] == str(folder) and failure["error"]["code"] == "unreadable"
+    assert "its instances are not in the new index" in failure["error"]["message"]
+
+
+def test_repair_quarantines_an_unindexed_file_cut_short(tmp_path: Path) -> None:
+    """`--repair` indexed such a file where it lay (it read only the header), and the
+    archive then served it as whole."""
+    root, stored = make_archive(tmp_path, count=2)
+    cut = Path(stored[0]["path"]).parent / "cut.dcm"
+    cut.write_bytes(Path(stored[1]["path"]).read_bytes()[:-1])
+    os.utime(cut, (1_000_000_000, 1_000_000_000))
+    problems, _ = run_verify(root, repair=True)
+    [record] = problems
+    assert (record["problem"], record["repair"]) == ("unindexed", "quarantined")
+    assert record["repair_reason"].startswith("truncated")
+    assert run_verify(root)[0] == []
