@@ -109,6 +109,11 @@ class PutResult:
         return record
 
 
+def _version(st: os.stat_result) -> tuple[int, ...]:
+    """What changes when a file is written to or replaced."""
+    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns
+
+
 def _resource_error(exc: OSError, what: str) -> ArchiveError:
     if exc.errno in _RESOURCE_ERRNOS:
         return OutOfResourcesError(f"{what}: {exc.strerror or exc}")
@@ -192,19 +197,21 @@ class Archive:
         return self.root / relpath
 
     def put(self, source: Path, *, source_aet: str | None = None, rewrite_meta: bool = False,
-            info: InstanceInfo | None = None) -> PutResult:
+            info: InstanceInfo | None = None, checked: os.stat_result | None = None) -> PutResult:
         """Put the instance in `source` (a Part 10 file) into the archive and the index.
 
         With `rewrite_meta` (instances received over the network), the archived file gets our
         own file meta, naming the dataset's own UIDs and the sending AE; the dataset bytes
         are kept exactly as received. Otherwise the file is copied byte for byte.
-        `source` itself is never changed or removed.
+        `source` itself is never changed or removed. `checked`, the source's stat when the
+        caller checked its bytes, makes a copy of a file changed since then an error.
         Raises InvalidDicomError, UnsafeUIDError, OutOfResourcesError or ArchiveError; when it
         raises, nothing was written under a real name and the index is unchanged.
         """
         info = info or read_instance_info(source)
         header = self._file_meta_bytes(info, source_aet) if rewrite_meta else None
-        return self._put(info, source, header, source_aet if rewrite_meta else info.source_aet)
+        return self._put(info, source, header, source_aet if rewrite_meta else info.source_aet,
+                         checked=checked)
 
     def begin_received(self, *, sop_class_uid: str, sop_uid: str, transfer_syntax: str,
                        source_aet: str | None) -> IncomingInstance | None:
@@ -254,7 +261,8 @@ class Archive:
         return self._put(info, dataset, header, source_aet, staged)
 
     def _put(self, info: InstanceInfo, source: BytesLike | Path, header: bytes | None,
-             source_aet: str | None, staged: StagedFile | None = None) -> PutResult:
+             source_aet: str | None, staged: StagedFile | None = None,
+             checked: os.stat_result | None = None) -> PutResult:
         """Stage (unless `staged` already holds the file), settle duplicates and conflicts,
         place and index one instance."""
         try:
@@ -265,7 +273,7 @@ class Archive:
             raise
         final = self.root / relpath
         if staged is None:
-            staged = self._stage(source, info, header)
+            staged = self._stage(source, info, header, checked)
         try:
             with self.instance_lock(info.sop_uid):  # settle, place and index as one step
                 existing = self.index.lookup(info.sop_uid)
@@ -412,7 +420,7 @@ class Archive:
         return PutResult(info, source, outcome, hashes.size, hashes.sha256, previous, warning)
 
     def _stage(self, source: BytesLike | Path, info: InstanceInfo,
-               header: bytes | None) -> StagedFile:
+               header: bytes | None, checked: os.stat_result | None = None) -> StagedFile:
         """Write the archive file's bytes to a new staging file.
 
         `source` is a Part 10 file copied whole (header None) or from its dataset on after
@@ -442,9 +450,18 @@ class Archive:
                 src.seek(info.dataset_offset)
                 staged.write(header)
                 file_hash.update(header)
+                copied = len(header)
                 while chunk := src.read(_CHUNK):
                     staged.write(chunk)
                     file_hash.update(chunk)
+                    copied += len(chunk)
+                if checked is not None and (copied != checked.st_size
+                                            or _version(os.fstat(src.fileno())) != _version(checked)):
+                    # Checked whole, then rewritten (a modality still writing to a share):
+                    # the copy is not the file checked, and may be cut short.
+                    staged.discard()
+                    raise ArchiveError(f"{source} changed while it was read: not archived; "
+                                       "index it again once it is written", code="changed")
             digest = file_hash.hexdigest()
             staged.sha256 = lambda: digest
             staged.mtime = os.fstat(fd).st_mtime

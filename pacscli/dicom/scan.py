@@ -308,6 +308,7 @@ class Part10File:
         self.path = path
         with open(path, "rb") as fp:
             st = os.fstat(fp.fileno())
+            self.stat = st  # what was read is this version of the file
             self.mtime = st.st_mtime
             self.data: Buffer
             if st.st_size <= _HEAD_FIRST:  # small: one read, then the checks

@@ -250,7 +250,8 @@ class _Worker:
             if known is not None:
                 return _unchanged(known, self.archive, path)
             info = read_instance_info(Path(path))
-        return {**self.archive.put(Path(path), info=info).record(), "source": path}
+        put = self.archive.put(Path(path), info=info, checked=f.stat)
+        return {**put.record(), "source": path}
 
     def _known(self, scan: ScanResult, f: Part10File) -> IndexedFile | None:
         """The indexed file with these very bytes, if any (a re-run has nothing to copy)."""

@@ -265,3 +265,29 @@ def test_rebuild_sets_aside_an_index_sqlite_cannot_open(tmp_path: Path) -> None:
     assert [r["outcome"] for r in records] == ["set-aside", "indexed"]
     assert Path(records[0]["path"]).read_bytes().startswith(b"this is no database")
     assert list(verify_archive(root))[-1]["problems"] == 0
+
+
+@pytest.mark.parametrize("rewrite", ["cut", "same-size"])
+def test_a_file_rewritten_after_its_check_is_not_archived(tmp_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch,
+                                                          rewrite: str) -> None:
+    """A file checked whole, then rewritten before its copy (a modality still writing to
+    the folder): the copy was archived and indexed as `stored`, cut short. Now the file
+    fails as changed, and nothing enters the archive."""
+    source = write_instance(tmp_path / "src" / "a.dcm", rows=64)
+    whole = source.read_bytes()
+    from pacscli.dicom.identity import read_instance_info as read_info
+
+    def then_rewritten(path: Path) -> object:
+        info = read_info(path)
+        time.sleep(0.01)  # a later modification time, however coarse the clock
+        source.write_bytes(whole[:len(whole) // 2] if rewrite == "cut" else whole[::-1])
+        return info
+
+    monkeypatch.setattr("pacscli.ops.indexer.read_instance_info", then_rewritten)
+    [record] = run_index(tmp_path / "archive", [source])
+    assert record["status"] == "failed" and record["error"]["code"] == "changed", record
+    assert f"{source} changed while it was read" in record["error"]["message"]
+    assert [p for p in all_files(tmp_path / "archive")
+            if layout.STUDIES_DIR in p.parts] == []
+    assert Index(tmp_path / "archive" / layout.INDEX_FILE).dump()["instances"] == []
