@@ -31,6 +31,7 @@ _ABSTRACT_SYNTAX, _TRANSFER_SYNTAX = 0x30, 0x40
 _USER_INFORMATION = 0x50
 _MAX_LENGTH, _IMPLEMENTATION_CLASS_UID, _ASYNC_WINDOW, _ROLE_SELECTION, _IMPLEMENTATION_VERSION = (
     0x51, 0x52, 0x53, 0x54, 0x55)
+_EXTENDED_NEGOTIATION = 0x56  # SOP Class Extended Negotiation (PS3.7 D.3.3.5)
 
 _FIXED = struct.Struct(">HH16s16s32s")  # protocol version, reserved, called, calling, reserved
 _ITEM = struct.Struct(">BBH")  # item type, reserved, item length
@@ -69,6 +70,9 @@ class Associate:
     implementation_version_name: str = ""
     async_ops_window: tuple[int, int] | None = None  # (invoked, performed)
     roles: dict[str, tuple[bool, bool]] = field(default_factory=dict)  # SOP class -> (SCU, SCP)
+    # SOP class -> its service class application information (for C-FIND: relational
+    # queries, combined date-time matching, fuzzy person name matching... one byte each)
+    extended: dict[str, bytes] = field(default_factory=dict)
     application_context: str = APPLICATION_CONTEXT
     protocol_version: int = 1
 
@@ -173,6 +177,9 @@ def _user_information(message: Associate) -> bytes:
     if message.implementation_version_name:
         sub_items.append(_item(_IMPLEMENTATION_VERSION,
                                _ascii(message.implementation_version_name, "implementation version name")))
+    for sop_class, info in message.extended.items():
+        uid = _ascii(sop_class, "extended negotiation SOP class")
+        sub_items.append(_item(_EXTENDED_NEGOTIATION, struct.pack(">H", len(uid)) + uid + info))
     return b"".join(sub_items)
 
 
@@ -277,7 +284,14 @@ def _decode_user_information(value: bytes, message: Associate) -> None:
             message.roles[uid] = (bool(sub_value[-2]), bool(sub_value[-1]))
         elif sub_type == _IMPLEMENTATION_VERSION:
             message.implementation_version_name = _text(sub_value, "implementation version name")
-        # user identity, extended negotiation...: not used here, skipped
+        elif sub_type == _EXTENDED_NEGOTIATION:
+            uid_length = _unpack(">H", sub_value[:2], "extended negotiation")[0]
+            if len(sub_value) < 2 + uid_length:
+                raise PduError(f"extended negotiation of {len(sub_value)} bytes holds no "
+                               f"{uid_length}-byte UID")
+            uid = _text(sub_value[2:2 + uid_length], "extended negotiation SOP class")
+            message.extended[uid] = bytes(sub_value[2 + uid_length:])
+        # user identity and the like: not used here, skipped
 
 
 def _items(data: bytes, start: int, where: str) -> Iterator[tuple[int, bytes]]:

@@ -28,7 +28,14 @@ from pacscli.net.dimse import (
     Command,
     encode_command,
 )
-from pacscli.net.scp_qr import MODELS, QR_TRANSFER_SYNTAXES, handle_find, handle_get, handle_move
+from pacscli.net.scp_qr import (
+    FIND_EXTENDED,
+    MODELS,
+    QR_TRANSFER_SYNTAXES,
+    handle_find,
+    handle_get,
+    handle_move,
+)
 from pacscli.net.server import (
     Association,
     AssociationServer,
@@ -153,6 +160,7 @@ class DicomServer:
             max_associations=serve.max_associations, acse_timeout=net.acse_timeout,
             network_timeout=net.network_timeout,
             tls=server_context(settings) if serve.tls else None,
+            extended=FIND_EXTENDED,
         )
         supported.update({uid: QR_TRANSFER_SYNTAXES for uid in MODELS})
         services: dict[int, Service] = {

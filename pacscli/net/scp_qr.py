@@ -61,6 +61,10 @@ MODELS = {
 }
 # Identifiers are decoded with pydicom: the uncompressed syntaxes and deflate.
 QR_TRANSFER_SYNTAXES = NATIVE_SYNTAXES
+# C-FIND extended negotiation (PS3.4 C.4.1.1.1, C.5.1.1.2): the index matches relationally
+# (keys of the levels above) and names case-insensitively on request; not combined date-time.
+FUZZY_NAMES = 2  # the option byte of fuzzy person name matching
+FIND_EXTENDED = {PATIENT_ROOT_FIND: bytes([1, 0, 1]), STUDY_ROOT_FIND: bytes([1, 0, 1])}
 
 SUCCESS, PENDING, CANCELLED = 0x0000, 0xFF00, 0xFE00
 NOT_AUTHORIZED = 0x0124
@@ -114,8 +118,10 @@ def handle_find(settings: Settings, archive: Archive) -> Service:
         try:
             identifier = _identifier(context, dataset)
             level = str(identifier.get("QueryRetrieveLevel", "")).strip()
+            agreed = assoc.extended.get(context.abstract_syntax, b"")
             matches = find(archive.index, level, identifier, model=MODELS[context.abstract_syntax],
-                           retrieve_aet=settings.ae_title)
+                           retrieve_aet=settings.ae_title,
+                           case_insensitive_names=agreed[FUZZY_NAMES:FUZZY_NAMES + 1] == b"\x01")
             count = 0
             try:
                 for match in matches:

@@ -101,6 +101,8 @@ class ServerConfig:
     acse_timeout: float = 30.0
     network_timeout: float = 60.0
     tls: ssl.SSLContext | None = None  # accept TLS connections only, with this context
+    # SOP class -> the extended negotiation options we support, one byte each (1: yes)
+    extended: dict[str, bytes] = field(default_factory=dict)
 
 
 class DatasetSink(Protocol):
@@ -251,6 +253,7 @@ class Association:
         self.called_aet = ""
         self.contexts: dict[int, Context] = {}
         self.roles: dict[str, tuple[bool, bool]] = {}  # SOP class -> (scu_role, scp_role)
+        self.extended: dict[str, bytes] = {}  # SOP class -> the extended options agreed
         self.peer_max_pdu = _DEFAULT_SEND_PDU
         self.established = False
         self.busy = False  # between the first PDV of a message and its response
@@ -755,6 +758,12 @@ class AssociationServer:
         # Roles are answered for the SOP classes of accepted contexts only (PS3.7 D.3.3.4)
         accepted = {c.abstract_syntax for c in assoc.contexts.values()}
         assoc.roles = {uid: role for uid, role in request.roles.items() if uid in accepted}
+        # Each option asked for and supported is agreed (PS3.7 D.3.3.5); others are not.
+        assoc.extended = {
+            uid: bytes(int(asked == 1 and i < len(ours) and ours[i] == 1)
+                       for i, asked in enumerate(info))
+            for uid, info in request.extended.items()
+            if uid in accepted and (ours := self.config.extended.get(uid)) is not None}
         self._send_accept(assoc, request, results)
         log.info("association from %s accepted with %d contexts", assoc, len(assoc.contexts))
         return True
@@ -818,7 +827,8 @@ class AssociationServer:
                      results: list[PresentationContext]) -> None:
         accept = Associate(request.called_ae_title, request.calling_ae_title, results,
                            max_pdu=self.config.max_pdu, implementation_class_uid=IMPLEMENTATION_CLASS_UID,
-                           implementation_version_name=IMPLEMENTATION_VERSION_NAME, roles=dict(assoc.roles))
+                           implementation_version_name=IMPLEMENTATION_VERSION_NAME,
+                           roles=dict(assoc.roles), extended=dict(assoc.extended))
         assoc.send_pdu(A_ASSOCIATE_AC_TYPE, encode_ac(accept))
 
     @staticmethod

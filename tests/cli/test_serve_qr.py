@@ -11,6 +11,7 @@ import pydicom
 import pytest
 from pydicom.dataset import Dataset
 from pynetdicom import AE
+from pynetdicom.pdu_primitives import SOPClassExtendedNegotiation
 from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind
 
 from pacscli.archive.archive import Archive
@@ -22,6 +23,8 @@ from tests.qr_data import (
     WATSON_STUDY,
     StoreSCP,
     corpus,
+    records,
+    run_pacs,
     sop_uids_of_studies,
     synthetic,
 )
@@ -79,6 +82,34 @@ def test_find_study_level_wildcard_name(qr: tuple[Server, list[Path], StoreSCP],
     assert {e.keyword for e in first} <= {"QueryRetrieveLevel", "SpecificCharacterSet", "PatientName",
                                           "StudyInstanceUID", "StudyDate", "ModalitiesInStudy",
                                           "NumberOfStudyRelatedInstances", "RetrieveAETitle"}
+
+
+def test_serve_agrees_to_relational_queries_and_fuzzy_names(
+        qr: tuple[Server, list[Path], StoreSCP], tmp_path: Path) -> None:
+    """serve matches relationally and names case-insensitively on request, but said so to
+    no requestor: `pacs find --ci-names` against it matched names case-sensitively (and
+    warned), and a relational query was asked level by level."""
+    server, _, _ = qr
+    ci = run_pacs(tmp_path, "find", server.remote, "--ci-names", "-k", "PatientName=holmes*")
+    assert ci.returncode == 0, ci.stderr
+    assert {r["StudyInstanceUID"] for r in records(ci)} == {HOLMES_STUDY_1, HOLMES_STUDY_2}
+    assert "did not agree" not in ci.stderr
+    relational = run_pacs(tmp_path, "find", server.remote, "-v", "--level", "series",
+                          "-k", "PatientID=HOLMES1")
+    assert relational.returncode == 0, relational.stderr
+    assert len(records(relational)) == 3 and "did not agree" not in relational.stderr
+    # options serve does not support (combined date-time matching) are not agreed to
+    ae = AE(ae_title="FINDSCU")
+    ae.add_requested_context(StudyRootQueryRetrieveInformationModelFind)
+    asked = SOPClassExtendedNegotiation()
+    asked.sop_class_uid = StudyRootQueryRetrieveInformationModelFind
+    asked.service_class_application_information = b"\x01\x01\x01"
+    assoc = ae.associate("127.0.0.1", server.port, ae_title=server.aet, ext_neg=[asked])
+    try:
+        assert assoc.acceptor.sop_class_extended == {
+            StudyRootQueryRetrieveInformationModelFind: b"\x01\x00\x01"}
+    finally:
+        assoc.release()
 
 
 def test_find_date_range_and_uid_list(qr: tuple[Server, list[Path], StoreSCP], tmp_path: Path) -> None:

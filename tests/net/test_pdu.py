@@ -250,8 +250,9 @@ def test_rejections_both_ways() -> None:
 
 
 def test_other_user_information_sub_items_are_skipped() -> None:
-    """SOP class extended (0x56) and common extended (0x57) negotiation and user identity
-    (0x58) are not ours to answer: the request still decodes, every known field intact."""
+    """Common extended negotiation (0x57) and user identity (0x58) are not ours to answer:
+    the request still decodes, every known field intact, SOP class extended negotiation
+    (0x56) too."""
     extended = SOPClassExtendedNegotiation()
     extended.sop_class_uid = "1.2.840.10008.5.1.4.1.2.2.1"
     extended.service_class_application_information = b"\x01\x01\x00"
@@ -266,7 +267,28 @@ def test_other_user_information_sub_items_are_skipped() -> None:
     request = sample_request()
     data = pynetdicom_encode_rq(request, [extended, common, identity])
     assert all(bytes([t, 0]) in data for t in (0x56, 0x57, 0x58))
+    request.extended = {"1.2.840.10008.5.1.4.1.2.2.1": b"\x01\x01\x00"}
     assert decode_rq(data[6:]) == request
+
+
+def test_extended_negotiation_both_ways() -> None:
+    """The SOP class extended negotiation of a C-FIND: pynetdicom's request read by us, our
+    answer read by pynetdicom."""
+    find = "1.2.840.10008.5.1.4.1.2.2.1"
+    asked = SOPClassExtendedNegotiation()
+    asked.sop_class_uid = find
+    asked.service_class_application_information = b"\x01\x00\x01"
+    request = decode_rq(pynetdicom_encode_rq(sample_request(), [asked])[6:])
+    assert request.extended == {find: b"\x01\x00\x01"}
+    accept = sample_accept()
+    accept.extended = {find: b"\x01\x00\x00"}
+    assert decode_ac(encode_ac(accept)) == accept
+    theirs = A_ASSOCIATE_AC()
+    theirs.decode(pdu(0x02, encode_ac(accept)))
+    [item] = [i for i in theirs.to_primitive().user_information
+              if isinstance(i, SOPClassExtendedNegotiation)]
+    assert (item.sop_class_uid, item.service_class_application_information) == (
+        find, b"\x01\x00\x00")
 
 
 def test_unknown_items_are_skipped() -> None:
