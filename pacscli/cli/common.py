@@ -321,7 +321,8 @@ class BackgroundOutput:
             if self._thread.is_alive() and not self._ended:
                 # a JSON array is written whole at the end
                 kept = self._queued if self.out.format == "json" else self._queued - self._written
-                self.log.warning("stdout is not being read: %d records were not written", kept)
+                if kept:  # else all was written, the end came as time ran out (a stop at 15 s)
+                    self.log.warning("stdout is not being read: %d records were not written", kept)
         self._tell_dropped()
 
     def _wait_moving(self, waiting: Callable[[], bool], deadline: float, stall: float) -> None:

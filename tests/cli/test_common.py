@@ -104,6 +104,25 @@ def test_background_output_gives_up_on_a_stuck_reader_in_time(
         os.close(write_fd)  # ...before its descriptor goes (its number could be reused)
 
 
+def test_background_output_closed_late_with_all_written_says_nothing(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """serve's stop past its 13.5 s gives close() a deadline already gone: with every record
+    written, it warned "stdout is not being read: 0 records were not written"."""
+    path = tmp_path / "out.jsonl"
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT)
+    try:
+        out = BackgroundOutput("jsonl", [], fd=fd, backlog=5)
+        out.emit({"n": 0})
+        deadline = time.monotonic() + 10
+        while not path.read_text() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        out.close(deadline=time.monotonic() - 1)
+    finally:
+        os.close(fd)
+    assert path.read_text() == '{"n":0}\n'
+    assert "not being read" not in caplog.text
+
+
 @pytest.mark.parametrize("fmt", ["jsonl", "json", "csv"])
 def test_background_output_into_a_file_writes_every_record(tmp_path: Path, fmt: str) -> None:
     """Into a file nothing is dropped or cut short, a JSON array of 20,000 records
