@@ -455,6 +455,7 @@ class Association:
                     self._recv_exact(length)
                     if pdu_type == A_RELEASE_RQ_TYPE:
                         if command is not None or command_bytes:
+                            self.abort(ABORT_UNEXPECTED_PDU)  # the peer hears why it ends
                             raise AssociationClosed("release requested in the middle of a message")
                         self.send_pdu(A_RELEASE_RP_TYPE, bytes(4))
                         return None

@@ -426,3 +426,20 @@ def test_a_message_split_over_two_contexts_is_aborted(server: Server) -> None:
     sock.close()
     time.sleep(0.3)
     assert not list(server.archive.rglob("*.dcm"))
+
+
+def test_a_release_request_in_the_middle_of_a_message_is_aborted(server: Server) -> None:
+    """Half a dataset, then A-RELEASE-RQ: the connection was dropped without a word; now an
+    A-ABORT (unexpected PDU), as any other protocol error gets. Nothing is stored."""
+    ds = pydicom.dcmread(testdata("explicit_le"))
+    with open(testdata("explicit_le"), "rb") as fp:
+        seek_dataset(fp)
+        dataset = fp.read()
+    sock = raw_associate(server.port)
+    sock.sendall(p_data(1, 0x03, store_command(str(ds.SOPInstanceUID)))
+                 + p_data(1, 0x00, dataset[:len(dataset) // 2]))
+    sock.sendall(struct.pack(">BBI", 0x05, 0, 4) + bytes(4))
+    assert read_pdu(sock) == (0x07, bytes([0, 0, 2, 2]))  # service provider, unexpected PDU
+    sock.close()
+    time.sleep(0.3)
+    assert not list(server.archive.rglob("*.dcm"))
