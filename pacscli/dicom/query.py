@@ -259,6 +259,8 @@ def set_key(ds: Dataset, path: Sequence[BaseTag], value: str) -> None:
                                  f"{name_of(tag)}[0].Keyword=VALUE")
             ds.add_new(tag, "SQ", DicomSequence([]))
         else:
+            if vr in RANGE_VRS and value:
+                _check_range_value(vr, value, name_of(tag))
             try:  # unvalidated: ranges, wildcards and lists are not VR syntax
                 ds.add(DataElement(tag, vr, _typed(vr, value), validation_mode=config.IGNORE))
             except (ValueError, OverflowError):  # '1-3' for an IS: no range matching there
@@ -488,7 +490,32 @@ def _single(vr: str, text: str, ci: bool) -> Match:
         return Match("range", vr, low=low.strip() or None, high=high.strip() or None)
     if vr in WILDCARD_VRS and ("*" in text or "?" in text):
         return Match("wildcard", vr, value=text.casefold() if ci else text, case_insensitive=ci)
+    if vr == "TM" or (vr == "DT" and not any(c in text for c in "+-")):
+        # At the value's precision, as its ranges are: '0930' is 09:30:00 to 09:30:59.999999.
+        return Match("range", vr, low=text, high=text)
     return Match("single", vr, value=text.casefold() if ci else text, case_insensitive=ci)
+
+
+_DA_VALUE = re.compile(r"\d{8}")
+_TM_VALUE = re.compile(r"\d{2}(?:\d{2}(?:\d{2}(?:\.\d{1,6})?)?)?")
+_RANGE_FORMS = {"DA": "YYYYMMDD", "TM": "HH[MM[SS[.FFFFFF]]]",
+                "DT": "YYYY[MM[DD[HH[MM[SS[.FFFFFF]]]]]][&ZZXX]"}
+
+
+def _check_range_value(vr: str, text: str, keyword: str) -> None:
+    """Raise UsageError unless `text` is a DA, TM or DT query value: single values and
+    ranges (either end may be left out), several separated by backslashes."""
+    form = {"DA": _DA_VALUE, "TM": _TM_VALUE, "DT": _DT_VALUE}[vr]
+    for part in (p.strip() for p in text.split("\\")):
+        if not part:
+            continue
+        bounds = _dt_range(part) if vr == "DT" else (
+            tuple(part.split("-", 1)) if "-" in part else None)
+        values = [b.strip() for b in bounds if b.strip()] if bounds else [part]  # '-': all
+        if not all(form.fullmatch(v) for v in values):
+            shape = _RANGE_FORMS[vr]
+            raise UsageError(f"{text!r} is not a valid {vr} value for {keyword}: give {shape}, "
+                             f"or a range {shape}-{shape} (either end may be left out)")
 
 
 def value_text(value: Any) -> str | None:

@@ -116,6 +116,7 @@ SAME_QUERIES = [
     ("study", [f"-k{k}" for k in STUDY_KEYS] + ["-kStudyDate=20240201-"]),
     ("study", [f"-k{k}" for k in STUDY_KEYS] + [f"-kStudyInstanceUID={CT1_STUDY}\\{WATSON_STUDY}"]),
     ("study", [f"-k{k}" for k in STUDY_KEYS] + ["-kPatientName=*^Sherlock"]),
+    ("study", [f"-k{k}" for k in STUDY_KEYS] + ["-kStudyTime=0930"]),  # at its precision
     ("study", [f"-k{k}" for k in STUDY_KEYS]),
     ("series", ["-kModality", "-kSeriesNumber", f"-kStudyInstanceUID={HOLMES_STUDY_1}"]),
     ("series", ["-kModality=CT", "-kSeriesNumber"]),

@@ -55,6 +55,16 @@ def test_values_outside_their_vr_syntax() -> None:
         build_query("image", ["InstanceNumber=1-3", "StudyInstanceUID=1.2"])
 
 
+@pytest.mark.parametrize("key", ["StudyDate=2024", "StudyDate=abc", "StudyDate=2024-01-01",
+                                 "StudyDate=2024-", "StudyTime=9", "StudyTime=09:30",
+                                 "StudyDate=20240101\\x"])
+def test_malformed_dates_and_times_are_usage_errors(key: str) -> None:
+    """They matched nothing, with exit 0: 'StudyDate=2024' looked like a year's studies."""
+    keyword = key.partition("=")[0]
+    with pytest.raises(UsageError, match=f"is not a valid (DA|TM) value for {keyword}: give"):
+        build_query("study", [key])
+
+
 def test_levels_and_models() -> None:
     assert check_level("instance", "study") == ("IMAGE", "study")
     assert check_level("Patient", "patient-root") == ("PATIENT", "patient")
@@ -143,6 +153,14 @@ def test_sequence_keys() -> None:
     ("DT", "20200101120000-0500-20200102", "20200103", False),
     ("DT", "20200101-2021", "20210615", True),  # -2021 is no offset (hours up to 14)
     ("DT", "20200101-", "20200101120000+0100", True),
+    # a time or date-time matches at its own precision, as its ranges do (DCMTK does too)
+    ("TM", "0930", "093000", True),
+    ("TM", "0930", "093059.999", True),
+    ("TM", "0930", "093100", False),
+    ("TM", "235959", "235959.123456", True),
+    ("TM", "1230\\0930", "093015", True),
+    ("DT", "2020010112", "20200101123000", True),
+    ("DT", "2020010112", "20200101130000", False),
 ])
 def test_matcher(vr: str, query: str, value: str, expected: bool) -> None:
     assert matcher(vr, query).test(value) is expected
