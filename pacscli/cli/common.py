@@ -14,6 +14,7 @@ import os
 import queue
 import select
 import signal
+import stat
 import sys
 import threading
 import time
@@ -96,8 +97,12 @@ def _stop_pynetdicom() -> None:
             thread.kill_dul()
 
 
-def run(body: Callable[[], T], *, read_only: bool = False) -> T:
+def run(body: Callable[[], int], *, read_only: bool = False) -> int:
     """Run a command's body, turning PacsError and Ctrl-C into a message and an exit code.
+
+    No input records on stdin (a `no-input` UsageError) is bad input when nothing was given;
+    from a pipe it is an empty result upstream (`find | move` that matched nothing): all of
+    nothing done, exit 0.
 
     When the reader of our output goes away (`| head`), a `read_only` command (find, echo)
     exits 0, its reader having had what it wanted; any other stops with what is left undone,
@@ -109,6 +114,9 @@ def run(body: Callable[[], T], *, read_only: bool = False) -> T:
     try:
         return body()
     except PacsError as exc:
+        if exc.code == "no-input" and _stdin_is_a_pipe():
+            logging.getLogger("pacscli").info("%s", exc.message)
+            return ExitCode.OK
         fail(exc.message, int(exc.exit_code))
     except KeyboardInterrupt:
         _stop_pynetdicom()
@@ -131,6 +139,13 @@ def run(body: Callable[[], T], *, read_only: bool = False) -> T:
 
         error = unusable(exc)
         fail(error.message, int(error.exit_code))
+
+
+def _stdin_is_a_pipe() -> bool:
+    try:
+        return stat.S_ISFIFO(os.fstat(0).st_mode)
+    except OSError:
+        return False
 
 
 def input_records(args: list[str] | None, stdin: TextIO | None = None) -> Iterator[Record]:

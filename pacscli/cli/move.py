@@ -164,7 +164,7 @@ def move(
             if store is not None:
                 store.close()
         if not out.counts:
-            raise UsageError("no input records: nothing to move")
+            raise UsageError("no input records: nothing to move", code="no-input")
         return out.exit_code()
 
     raise typer.Exit(run(body))

@@ -56,7 +56,8 @@ def store(
     Non-DICOM files are skipped. A stdin record without a path (`pacs find --archive`'s)
     sends the archive's instances of what its UIDs name, at its QueryRetrieveLevel.
 
-    Exit 0: all sent; 1: some failed; 2: no input; 3: could not associate.
+    Exit 0: all sent (or an empty pipe: nothing to send); 1: some failed; 2: no input;
+    3: could not associate.
     """
     setup_logging(verbose)
 

@@ -378,7 +378,7 @@ def _checked(items: Iterable[RetrieveRequest | Record], model: str,
                 continue
         yield item
     if empty:
-        raise UsageError("no input records: nothing to get")
+        raise UsageError("no input records: nothing to get", code="no-input")
 
 
 def _ms(started: float) -> float:

@@ -700,7 +700,7 @@ def store(settings: Settings, remote: Remote, records: Iterable[Record], *, jobs
             stop.set()
     if not given:
         raise UsageError("nothing to store: give files or folders, or records with a path (or "
-                         "the UIDs of archived instances) on stdin")
+                         "the UIDs of archived instances) on stdin", code="no-input")
     if not known:
         log.warning("no DICOM instance to send among the inputs")
     if not answered and errors:

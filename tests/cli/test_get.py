@@ -219,8 +219,10 @@ def test_usage_errors(peer: tuple[Dcmqrscp, list[Path]], tmp_path: Path) -> None
     both = run_pacs(tmp_path, "get", qrscp.remote, "--study", "1.2.3", "--out", str(tmp_path),
                     "--archive", str(tmp_path / "a"))
     assert both.returncode == 2 and "not both" in both.stderr
-    empty = run_pacs(tmp_path, "get", qrscp.remote, "--out", str(tmp_path), stdin="")
+    empty = run_pacs(tmp_path, "get", qrscp.remote, "--out", str(tmp_path))  # /dev/null
     assert empty.returncode == 2 and "nothing to get" in empty.stderr
+    piped = run_pacs(tmp_path, "get", qrscp.remote, "--out", str(tmp_path), stdin="")
+    assert (piped.returncode, piped.stdout, piped.stderr) == (0, "", "")  # an empty result upstream
     plain = run_pacs(tmp_path, "get", qrscp.remote, "--out", str(tmp_path), stdin="hello\n")
     [record] = records(plain)
     assert record["error"]["message"] == "input record 1 has no StudyInstanceUID, " \

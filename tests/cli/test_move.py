@@ -183,9 +183,9 @@ def test_nothing_matched_and_bad_records(peers: Peers, storescp: StoreSCP, tmp_p
 
 
 def test_no_input_is_a_usage_error(peers: Peers, tmp_path: Path) -> None:
-    result = run_pacs(tmp_path, "move", peers.qrscp.remote, "--dest", "STORESCP", stdin="")
+    result = run_pacs(tmp_path, "move", peers.qrscp.remote, "--dest", "STORESCP")  # /dev/null
     assert result.returncode == 2 and "no input" in result.stderr
-    result = run_pacs(tmp_path, "move", peers.qrscp.remote, "--dest", "STORESCP", "-", stdin="")
+    result = run_pacs(tmp_path, "move", peers.qrscp.remote, "--dest", "STORESCP", "-")
     assert result.returncode == 2 and "no input" in result.stderr
     result = run_pacs(tmp_path, "move", peers.qrscp.remote, "--dest", "STORESCP", "x.json")
     assert result.returncode == 2 and "the only input argument is -" in result.stderr
@@ -194,6 +194,14 @@ def test_no_input_is_a_usage_error(peers: Peers, tmp_path: Path) -> None:
     assert result.returncode == 2 and "not both" in result.stderr
     result = run_pacs(tmp_path, "move", peers.qrscp.remote, "--study", CT1_STUDY)
     assert result.returncode == 2 and "--dest" in result.stderr
+
+
+def test_an_empty_result_upstream_is_nothing_to_do(peers: Peers, tmp_path: Path) -> None:
+    """`find | move` on a day nothing matched: all of nothing done, exit 0 and quiet (it was
+    exit 2, bad input, for a nightly cron job that did nothing wrong)."""
+    result = pipe(tmp_path, ["find", peers.qrscp.remote, "-k", "PatientID=NOBODY"],
+                  ["move", peers.qrscp.remote, "--dest", "STORESCP"])
+    assert (result.returncode, result.stdout, result.stderr) == (0, "", "")
 
 
 def test_connection_refused_exits_3(tmp_path: Path) -> None:

@@ -546,9 +546,11 @@ def test_output_closed_mid_run_is_not_all_done(tmp_path: Path, storescp: Storesc
 
 
 def test_no_inputs_is_usage_error(tmp_path: Path) -> None:
-    result = pacs_store(tmp_path, f"X@127.0.0.1:{free_port()}")
+    result = pacs_store(tmp_path, f"X@127.0.0.1:{free_port()}")  # stdin /dev/null
     assert result.returncode == 2
     assert "nothing to store" in result.stderr
+    piped = pacs_store(tmp_path, f"X@127.0.0.1:{free_port()}", stdin="")  # an empty pipe
+    assert (piped.returncode, piped.stdout, piped.stderr) == (0, "", "")
 
 
 def test_closed_port_exits_3(tmp_path: Path) -> None:
