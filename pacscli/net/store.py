@@ -222,6 +222,9 @@ def scan(path: Path) -> Instance:
                          "sent the dataset's")
         elif text is not None and _is_padded(text):
             fixes.append(f"{meta_keyword} padding removed")
+    if len(values["SOPInstanceUID"]) > 64:  # a command set peers cannot parse: they abort
+        raise InvalidDicomError(f"SOPInstanceUID is {len(values['SOPInstanceUID'])} characters "
+                                f"long (at most 64): {values['SOPInstanceUID']!r}")
     return Instance(path, require_sop_class(values["SOPClassUID"]), values["SOPInstanceUID"],
                     transfer_syntax, offset, tuple(fixes), odd, odd_length)
 

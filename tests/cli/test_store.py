@@ -291,6 +291,23 @@ def test_a_sop_class_uid_that_is_not_a_uid_fails_that_file_only(tmp_path: Path,
     assert len(list(out.iterdir())) == 1
 
 
+def test_a_sop_instance_uid_over_64_characters_fails_here(tmp_path: Path,
+                                                          storescp: Storescp) -> None:
+    """storescp cannot parse such a command and aborts the association: the record blamed
+    the peer ('association-aborted'). The file now fails here, saying why, and the next goes."""
+    remote, out = storescp()
+    ds = pydicom.dcmread(testdata("explicit_le"))
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = "1." + "2" * 63
+    ds.save_as(tmp_path / "long.dcm")
+    result = pacs_store(tmp_path, remote, str(tmp_path / "long.dcm"), str(testdata("rtdose")))
+    assert result.returncode == 1, result.stderr
+    long, good = records(result)
+    assert long["error"] == {"code": "invalid-dicom", "message":
+                             f"SOPInstanceUID is 65 characters long (at most 64): '1.{'2' * 63}'"}
+    assert good["status"] == "ok"
+    assert len(list(out.iterdir())) == 1
+
+
 def test_a_peer_aborting_the_association_request_is_named_with_why(tmp_path: Path) -> None:
     from tests.cli.test_echo import _raw_peer
 
