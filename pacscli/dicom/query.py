@@ -316,6 +316,9 @@ def build_query(level: str, keys: Iterable[str] = (), *, model: str = "study",
             article = "an" if owner == "IMAGE" else "a"
             raise UsageError(f"{keyword} is {article} {owner.lower()}-level key: query --level "
                              f"{owner.lower()} to match on it{hint}")
+        if value and keyword in _RETURN_ONLY:
+            raise UsageError(f"{keyword} is computed by the peer: a return key only (PS3.4 "
+                             f"C.6), give it without a value (-k {keyword})")
         if path[0] in ds and len(path) == 1:
             del ds[path[0]]
         set_key(ds, path, value)
@@ -376,6 +379,12 @@ def level_identifier(query: Query, level: str, parent: Mapping[str, Any]) -> Dat
     if UNIQUE_KEYS[level] not in ds:
         set_key(ds, [tag_of(UNIQUE_KEYS[level])], "")
     return ds
+
+
+# Computed attributes that are return keys only (no matching key type in PS3.4 C.6): peers
+# ignore a value given for them, and the query would seem to filter when it does not.
+_RETURN_ONLY = frozenset(keyword for keywords in COMPUTED_ATTRIBUTES.values() for keyword in keywords
+                         if keyword.startswith("NumberOf") or keyword == "AvailableTransferSyntaxUID")
 
 
 def _all_text(ds: Dataset) -> str:

@@ -65,6 +65,16 @@ def test_malformed_dates_and_times_are_usage_errors(key: str) -> None:
         build_query("study", [key])
 
 
+def test_a_value_for_a_return_only_key_is_a_usage_error() -> None:
+    """NumberOfStudyRelatedInstances=3 was ignored without a word: every study came back."""
+    with pytest.raises(UsageError, match="NumberOfStudyRelatedInstances is computed by the "
+                                         "peer: a return key only"):
+        build_query("study", ["NumberOfStudyRelatedInstances=3"])
+    assert "NumberOfStudyRelatedInstances" in build_query(
+        "study", ["NumberOfStudyRelatedInstances"]).identifier
+    assert build_query("study", ["ModalitiesInStudy=CT"]).identifier.ModalitiesInStudy == "CT"
+
+
 def test_levels_and_models() -> None:
     assert check_level("instance", "study") == ("IMAGE", "study")
     assert check_level("Patient", "patient-root") == ("PATIENT", "patient")
