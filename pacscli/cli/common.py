@@ -195,6 +195,10 @@ class Output:
         """Render one record now (jsonl, csv, live table) or keep it for the end."""
         status = str(record.get("status", "ok"))
         self.counts[status] = self.counts.get(status, 0) + 1
+        if status == "failed" and "status" not in self.columns and self.format in ("csv", "table"):
+            # columns of DICOM keys only (find's): the failure would read as an empty match;
+            # its message is on stderr
+            return
         if self.dicom_json and self.format in ("jsonl", "json"):  # no column for it elsewhere
             from pacscli.dicom.json_model import with_dicom_json
 

@@ -194,6 +194,10 @@ def test_csv_and_quiet(peer: tuple[Dcmqrscp, Path], tmp_path: Path) -> None:
     assert result.returncode == 0 and result.stderr == ""
     lines = result.stdout.splitlines()
     assert lines[0].startswith("QueryRetrieveLevel,PatientName,PatientID") and len(lines) == 3
+    for fmt in ("csv", "table"):  # a failure was a row of empty keys, read as a match
+        refused = run_pacs(tmp_path, "find", f"X@127.0.0.1:{free_port()}", "--format", fmt)
+        assert refused.returncode == 3 and "connection refused" in refused.stderr
+        assert "STUDY" not in refused.stdout
 
 
 @pytest.fixture
