@@ -18,6 +18,7 @@ import stat
 import sys
 import threading
 import time
+import warnings
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Annotated, Any, NoReturn, TextIO, TypeVar, cast
@@ -68,6 +69,9 @@ def setup_logging(verbose: int) -> None:
     logging.getLogger("pacscli").setLevel(level)
     # pynetdicom is chatty at INFO; its errors are ours to report in plain words.
     logging.getLogger("pynetdicom").setLevel(logging.DEBUG if verbose >= 2 else logging.CRITICAL)
+    # pydicom says each oddity of a file twice (warn_and_log): a log record, then a
+    # UserWarning of the same words with a line of its own source code. The record will do.
+    warnings.filterwarnings("ignore", category=UserWarning, module="pydicom")
 
 
 def get_settings(config: Path | None, archive: Path | None, aet: str | None) -> Settings:

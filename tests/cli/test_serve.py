@@ -256,6 +256,24 @@ def test_a_sop_class_uid_that_is_not_a_uid_is_refused_and_the_association_goes_o
     assert len(index_rows(server.archive)) == 1
 
 
+def test_a_value_pydicom_finds_odd_is_said_once(tmp_path: Path) -> None:
+    """pydicom logs an odd value, then warns the same words as a UserWarning with a line of
+    its own source: three lines on serve's stderr for one value. Now its one log line."""
+    data = bytearray(testdata("CT_small.dcm").read_bytes())
+    at = data.index(b"\x20\x00\x13\x00IS")  # InstanceNumber, 2 bytes long
+    data[at + 8:at + 10] = b"1J"
+    (tmp_path / "odd.dcm").write_bytes(bytes(data))
+    server = start_server(tmp_path / "serve")
+    try:
+        assert dcmsend(server, tmp_path / "odd.dcm").returncode == 0
+    finally:
+        server.stop()
+    assert records(server)[0]["outcome"] == "stored"
+    stderr = server.stderr()
+    assert stderr.count("Invalid value for VR IS: '1J'") == 1, stderr
+    assert "UserWarning" not in stderr
+
+
 @pytest.mark.parametrize("field,value", [
     ("StudyInstanceUID", "../../x"),
     ("SeriesInstanceUID", ".."),
