@@ -269,6 +269,12 @@ class Association:
         # timeout bounds a whole A-ASSOCIATE-RQ, not each read, so a byte every few
         # seconds cannot hold a connection open.
         self.deadline: float | None = None
+        # Once associated: how long one PDU may take to arrive, so a peer trickling bytes
+        # (each read within the network timeout) cannot hold its slot. Checked after each
+        # read, not set on the socket (a system call per read): a PDU is cut at most one
+        # network timeout past its own.
+        self.pdu_timeout: float | None = None
+        self._pdu_deadline: float | None = None
 
     # -- framing ---------------------------------------------------------------------------
 
@@ -286,6 +292,8 @@ class Association:
                 if left <= 0:
                     raise TimeoutError("timed out")
                 self.sock.settimeout(left)
+            elif self._pdu_deadline is not None and time.monotonic() > self._pdu_deadline:
+                raise TimeoutError(f"a PDU took over {self.pdu_timeout:g} s to arrive")
             n = self.sock.recv_into(view[got:], size - got)
             if n == 0:
                 raise AssociationClosed("the peer closed the connection")
@@ -296,9 +304,15 @@ class Association:
         pdu_type, length = self._recv_pdu_header()
         return pdu_type, self._recv_exact(length)
 
-    def _recv_pdu_header(self) -> tuple[int, int]:
-        """Read a PDU header and check the PDU's type and length; return both."""
-        header = self._recv_exact(6)
+    def _recv_pdu_header(self, *, clock: bool = False) -> tuple[int, int]:
+        """Read a PDU header and check the PDU's type and length; return both. With `clock`,
+        the PDU's time (`pdu_timeout`) starts with its first byte."""
+        if clock:
+            header = self._recv_exact(1)  # however long the association was idle
+            self._pdu_clock(True)
+            header += self._recv_exact(5)
+        else:
+            header = self._recv_exact(6)
         pdu_type, length = header[0], struct.unpack_from(">I", header, 2)[0]
         if pdu_type == P_DATA_TF_TYPE and length > self.max_pdu:
             self.abort(ABORT_INVALID_PARAMETER)
@@ -447,10 +461,12 @@ class Association:
         dataset: ReceivedDataset | None = None
         try:
             while True:
+                self._pdu_clock(False)
                 if self._pdu_left:  # the PDU that ended the last message holds more PDVs
                     pdu_type, length, self._pdu_left = P_DATA_TF_TYPE, self._pdu_left, 0
+                    self._pdu_clock(True)
                 else:
-                    pdu_type, length = self._recv_pdu_header()
+                    pdu_type, length = self._recv_pdu_header(clock=True)
                 if pdu_type != P_DATA_TF_TYPE:
                     self._recv_exact(length)
                     if pdu_type == A_RELEASE_RQ_TYPE:
@@ -516,6 +532,13 @@ class Association:
             if dataset is not None:
                 dataset.discard()
             raise
+        finally:
+            self._pdu_clock(False)
+
+    def _pdu_clock(self, running: bool) -> None:
+        """Start (`running`) or stop the time one PDU may take (`pdu_timeout`)."""
+        self._pdu_deadline = (time.monotonic() + self.pdu_timeout
+                              if running and self.pdu_timeout is not None else None)
 
     def cancel_requested(self, message_id: int) -> bool:
         """True when the peer has sent C-CANCEL for `message_id` (checked without waiting).
@@ -667,6 +690,7 @@ class AssociationServer:
             if not self._negotiate(assoc, deadline):
                 return
             assoc.sock.settimeout(self.config.network_timeout)
+            assoc.pdu_timeout = self.config.network_timeout
             while True:
                 if self._stopping.is_set() and self._past_grace:
                     log.warning("aborting association with %s at shutdown", assoc)
@@ -698,7 +722,7 @@ class AssociationServer:
             if self._past_grace:  # aborted by stop(), which said so
                 log.info("association with %s closed at shutdown: %s", assoc, exc)
             elif isinstance(exc, TimeoutError):
-                log.warning("association with %s timed out; aborting", assoc)
+                log.warning("association with %s timed out (%s); aborting", assoc, exc)
                 assoc.abort()
             elif isinstance(exc, AssociationClosed):  # not released: worth a line without -v
                 log.warning("association with %s ended without a release: %s", assoc, exc)

@@ -292,6 +292,37 @@ def test_an_association_request_must_come_within_the_acse_timeout(tmp_path: Path
         server.stop()
 
 
+def test_a_pdu_trickled_byte_by_byte_is_cut_after_the_network_timeout(tmp_path: Path) -> None:
+    """Once associated, each read was timed, not each PDU: a P-DATA sent a byte every half
+    second held its association (and a slot of max_associations) for as long as it liked.
+    A PDU now has the network timeout, counted from its first byte, to arrive."""
+    import select
+
+    config = tmp_path / "serve" / "config.toml"
+    config.parent.mkdir(parents=True)
+    config.write_text("[network]\nnetwork_timeout = 1.5\n")
+    server = start_server(tmp_path / "serve")
+    try:
+        sock = raw_associate(server.port)
+        started = time.monotonic()
+        dropped = False
+        for byte in p_data(1, 0x03, store_command("1.2.3")):
+            if select.select([sock], [], [], 0.5)[0] or time.monotonic() - started > 10:
+                dropped = True  # an A-ABORT came, or the connection closed
+                break
+            try:
+                sock.sendall(bytes([byte]))
+            except OSError:
+                dropped = True
+                break
+        waited = time.monotonic() - started
+        sock.close()
+    finally:
+        server.stop()
+    assert dropped and waited < 1.5 * 2 + 1, waited  # its own timeout and one read's at most
+    assert "a PDU took over 1.5 s to arrive" in server.stderr()
+
+
 def test_requests_arriving_together_respect_max_associations(tmp_path: Path) -> None:
     """20 A-ASSOCIATE-RQs at once with max_associations = 2: two accepted, the rest
     rejected (the count came before the counting, so 4 or 8 got in)."""
