@@ -32,7 +32,14 @@ from typing import Any
 
 from pacscli.archive import layout
 from pacscli.archive.index import Index, InstanceRow, StoredFile, unusable
-from pacscli.archive.staging import BlockWriter, StagedFile, StagingFolder, StreamedFile
+from pacscli.archive.staging import (
+    BlockWriter,
+    StagedFile,
+    StagingFolder,
+    StreamedFile,
+    staging_alive,
+    staging_name,
+)
 from pacscli.config import StorageSettings
 from pacscli.dicom.header import BytesLike
 from pacscli.dicom.identity import (
@@ -136,7 +143,7 @@ class Archive:
         self.index = Index(self.root / layout.INDEX_FILE)
         try:
             self.index.check_writable()
-            self.staging = self.root / layout.STAGING_DIR / str(os.getpid())
+            self.staging = self.root / layout.STAGING_DIR / staging_name()
             self._staging_folder = StagingFolder(self.staging)
             self._make_lock_files()
         except OSError as exc:
@@ -177,15 +184,11 @@ class Archive:
     def _clean_dead_staging(self) -> None:
         """Remove staging folders of processes that no longer run (left by a crash)."""
         for entry in (self.root / layout.STAGING_DIR).iterdir():
-            if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            if entry == self.staging or entry.is_symlink() or not entry.is_dir():
                 continue
-            try:
-                os.kill(int(entry.name), 0)
-            except ProcessLookupError:
+            if not staging_alive(entry):
                 log.info("removing staging folder %s left by a stopped process", entry)
                 shutil.rmtree(entry, ignore_errors=True)
-            except PermissionError:
-                pass  # alive, someone else's
 
     def prepare_staging(self) -> None:
         """Create the staging file of a coming put now, while the caller would wait anyway

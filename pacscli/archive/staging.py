@@ -22,8 +22,10 @@ import itertools
 import mmap
 import os
 import queue
+import secrets
 import shutil
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import NamedTuple
@@ -45,12 +47,68 @@ _DIRECT_ALIGN = 4096
 # Blocks of one StreamedFile queued or being written at once: the caller waits beyond that.
 _IN_FLIGHT = 4
 
+# In each staging folder: the file its owner holds locked (flock) for as long as it lives.
+OWNER_LOCK = ".owner.lock"
+_BEING_MADE = 60.0  # s: a folder without its OWNER_LOCK younger than this is being made
+
+
+def staging_name() -> str:
+    """A new staging folder's name: the PID and a random part. The PID alone is not unique:
+    processes in other PID namespaces (containers sharing the archive) may have the same."""
+    return f"{os.getpid()}-{secrets.token_hex(4)}"
+
+
+def staging_alive(folder: Path) -> bool:
+    """Whether the process that made staging folder `folder` still runs: it holds the lock
+    on the folder's OWNER_LOCK. A PID says nothing across PID namespaces (another process
+    judged a live writer's folder dead, and removed it); it is read only for a folder made
+    by an older pacscli, named by its PID alone with no lock file."""
+    try:
+        fd = os.open(folder / OWNER_LOCK, os.O_RDONLY)
+    except FileNotFoundError:
+        if folder.name.isdigit():
+            return _pid_alive(folder.name)
+        try:  # its owner puts the lock in place, locked, just after making the folder
+            return time.time() - folder.stat().st_mtime < _BEING_MADE
+        except OSError:
+            return False
+    except OSError:
+        return True  # cannot tell: leave it be
+    try:
+        if fcntl is None:  # pragma: no cover - not POSIX
+            return True
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        return False
+    finally:
+        os.close(fd)  # releases our lock, if we got it
+
+
+def _pid_alive(name: str) -> bool:
+    try:
+        os.kill(int(name), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's
+    return True
+
+
 class StagingFolder:
-    """This process's folder in `.staging/`, handing out new empty files to write."""
+    """This process's folder in `.staging/`, handing out new empty files to write. Its
+    OWNER_LOCK is held locked until `close`, for others to see it in use."""
 
     def __init__(self, folder: Path) -> None:
         self.folder = folder
         folder.mkdir(parents=True, exist_ok=True)
+        # Locked before it takes its name, so that no one ever finds it unlocked while we live.
+        making = folder / f"{OWNER_LOCK}.new"
+        self._owner = os.open(making, os.O_RDONLY | os.O_CREAT, 0o644)
+        if fcntl is not None:
+            fcntl.flock(self._owner, fcntl.LOCK_EX)  # a new folder: nobody else holds it
+        os.rename(making, folder / OWNER_LOCK)
         self._names = itertools.count()
         self._ready: list[tuple[int, Path]] = []
         self._lock = threading.Lock()
@@ -84,6 +142,8 @@ class StagingFolder:
                 os.close(fd)
             self._ready.clear()
         shutil.rmtree(self.folder, ignore_errors=True)
+        with contextlib.suppress(OSError):
+            os.close(self._owner)
 
     def _create(self) -> tuple[int, Path]:
         while True:

@@ -39,6 +39,7 @@ from typing import TYPE_CHECKING, Any
 
 from pacscli.archive import layout
 from pacscli.archive.index import Index, IndexedFile
+from pacscli.archive.staging import OWNER_LOCK, staging_alive
 from pacscli.config import StorageSettings
 from pacscli.dicom.scan import (
     SERIES_INSTANCE_UID,
@@ -175,18 +176,6 @@ class _Checker:
         return len(rows), found
 
 
-def _pid_alive(name: str) -> bool:
-    if not name.isdigit():
-        return False
-    try:
-        os.kill(int(name), 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True  # someone else's
-    return True
-
-
 def _staging(root: Path) -> tuple[list[Path], bool]:
     """Files left in staging by processes no longer running; and whether another live
     process has a staging folder (a writer is at work)."""
@@ -196,11 +185,12 @@ def _staging(root: Path) -> tuple[list[Path], bool]:
     if not staging.is_dir():
         return leftovers, writer
     for entry in sorted(staging.iterdir()):
-        if entry.is_dir() and _pid_alive(entry.name):
-            writer = writer or int(entry.name) != os.getpid()
+        if entry.is_dir() and staging_alive(entry):
+            writer = writer or not entry.name.startswith(f"{os.getpid()}-")
             continue
         if entry.is_dir():
-            leftovers.extend(sorted(p for p in entry.rglob("*") if not p.is_dir()))
+            leftovers.extend(sorted(p for p in entry.rglob("*")
+                                    if not p.is_dir() and not p.name.startswith(OWNER_LOCK)))
         else:
             leftovers.append(entry)
     return leftovers, writer

@@ -13,12 +13,14 @@ from typing import Any
 import pydicom
 import pytest
 
+from pacscli.archive import layout
 from pacscli.archive.archive import Archive, IncomingInstance
 from pacscli.archive.index import MIGRATIONS, SCHEMA_VERSION, Index
 from pacscli.config import StorageSettings
 from pacscli.dicom.identity import seek_dataset
 from pacscli.errors import ArchiveError, InvalidDicomError, OutOfResourcesError, UsageError
 from tests.conftest import pacs_cmd, testdata
+from tests.dicom_files import dead_pid
 
 
 def instance_files(root: Path) -> list[Path]:
@@ -319,3 +321,35 @@ def test_an_archive_path_that_is_a_file_is_a_usage_error(tmp_path: Path) -> None
     with pytest.raises(UsageError, match="is not a folder"):
         Archive(afile)
     assert afile.read_text() == "x"
+
+
+def test_a_live_writers_staging_folder_is_told_by_its_lock_not_its_pid(tmp_path: Path) -> None:
+    """A writer in another PID namespace (a container sharing the archive) has a PID that
+    means nothing here: its staging folder was judged dead and removed under it, and
+    verify called its files leftovers. Its lock on the folder tells it is alive."""
+    import fcntl
+    import time
+
+    from pacscli.archive.staging import OWNER_LOCK
+    from pacscli.ops.verify import verify_archive
+
+    root = tmp_path / "archive"
+    Archive(root).close()
+    other = root / layout.STAGING_DIR / f"{dead_pid()}-0a1b2c3d"  # a PID not running here
+    other.mkdir()
+    (other / "0.dcm").write_bytes(b"being written")
+    lock = os.open(other / OWNER_LOCK, os.O_RDONLY | os.O_CREAT)
+    old = time.time() - 3600
+    os.utime(other / OWNER_LOCK, (old, old))
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # held, as its owner holds it
+        Archive(root).close()
+        assert (other / "0.dcm").exists()
+        *problems, summary = verify_archive(root)
+        assert problems == [] and summary["problems"] == 0
+    finally:
+        os.close(lock)  # the owner is gone
+    *problems, _ = verify_archive(root)
+    assert [(r["problem"], r["path"]) for r in problems] == [("leftover-temp", str(other / "0.dcm"))]
+    Archive(root).close()
+    assert not other.exists()

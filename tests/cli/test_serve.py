@@ -362,7 +362,7 @@ def test_sigkill_mid_transfer_leaves_no_partial_file(tmp_path: Path) -> None:
          str(next(big.iterdir()))], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
         env=DCMTK_ENV)
     deadline = time.monotonic() + 60
-    staging = archive / ".staging" / str(server.proc.pid)
+    [staging] = (archive / ".staging").glob(f"{server.proc.pid}-*")
     while time.monotonic() < deadline:
         partial = [p for p in staging.glob("*.dcm") if p.stat().st_size > 1_000_000]
         if partial:
@@ -394,7 +394,7 @@ def test_sigterm_lets_the_transfer_in_flight_finish(tmp_path: Path) -> None:
     sender = subprocess.Popen(
         [require("dcmsend"), "-aec", "PACSCLI", "127.0.0.1", str(server.port),
          str(next(big.iterdir()))], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=DCMTK_ENV)
-    staging = server.archive / ".staging" / str(server.proc.pid)
+    [staging] = (server.archive / ".staging").glob(f"{server.proc.pid}-*")
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline and not any(
             p.stat().st_size > 0 for p in staging.glob("*.dcm")):
