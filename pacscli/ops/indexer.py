@@ -333,7 +333,25 @@ def _index_in_place(archive: Archive, files: list[str], jobs: int,
         if isinstance(item, _Prepared):
             item = _guarded(item.path, functools.partial(_commit, archive, item))
         assert isinstance(item, dict)
+        if check_unchanged and item["status"] in ("skipped", "failed"):
+            item = _broken_since(archive, item)
         yield item
+
+
+def _broken_since(archive: Archive, record: Record) -> Record:
+    """The record of a file that cannot be indexed (now): a failure naming the instance
+    when an earlier run indexed it there (a share's file since cut short or overwritten),
+    whose row now names a file that does not hold it."""
+    known = archive.index.file_at(archive.recorded_path(Path(record["path"])))
+    if known is None:
+        return record
+    why = record.get("reason") or record.get("error", {}).get("message", "")
+    error = PacsError(f"{why}; this file was indexed for instance {known.sop_uid}, whose row "
+                      "now names a file that does not hold it: `pacs verify --repair` drops "
+                      "the row", code="indexed-file-broken")
+    return failed(error, path=record["path"], PatientID=known.patient_id,
+                  StudyInstanceUID=known.study_uid, SeriesInstanceUID=known.series_uid,
+                  SOPInstanceUID=known.sop_uid)
 
 
 def _utf8(text: str) -> bool:

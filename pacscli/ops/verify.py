@@ -384,6 +384,14 @@ def _check_whole(path: Path) -> None:
         scan_part10(f.data)
 
 
+def _whole(path: Path) -> bool:
+    try:
+        _check_whole(path)
+    except (InvalidDicomError, OSError):
+        return False
+    return True
+
+
 class _Repairer:
     """The repairs of `verify --repair`: moves, row drops and in-place indexing."""
 
@@ -415,6 +423,12 @@ class _Repairer:
         sops = [record["SOPInstanceUID"]] if record.get("SOPInstanceUID") else []
         internal = path.is_relative_to(self.root)
         try:
+            if code in ("size-mismatch", "checksum-mismatch") and not internal and _whole(path):
+                # A file on a share rewritten since, still a whole instance: its row is
+                # brought up to date, not dropped (a valid instance left the index).
+                self.archive.index_in_place(path)
+                record.update(repair="reindexed", status="warning")
+                return
             drops = code == "missing" or (code in _CORRUPT | {"unreadable"} and not internal)
             if (drops or code in _CORRUPT) and sops:
                 # Under the instance's lock, and only if the problem is still there: a put

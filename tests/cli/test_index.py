@@ -137,6 +137,30 @@ def test_in_place(tmp_path: Path) -> None:
     assert [r["outcome"] for r in lines(again)] == ["unchanged"] * 3
 
 
+def test_in_place_names_the_instance_of_a_file_broken_since(tmp_path: Path) -> None:
+    """Share files indexed, then cut short or overwritten with junk: a re-run skipped them
+    (exit 0) while the index still named them for their instances. Each is now a failure
+    naming the instance, and `verify --repair` drops the rows."""
+    share, archive = tmp_path / "share", tmp_path / "archive"
+    cut, junk = write_instance(share / "a.dcm", number=1), write_instance(share / "b.dcm", number=2)
+    before = {r["path"]: r for r in lines(pacs(tmp_path, "index", "--archive", str(archive),
+                                                "--in-place", str(share)))}
+    cut.write_bytes(cut.read_bytes()[:-100])
+    junk.write_text("junk\n")
+    result = pacs(tmp_path, "index", "--archive", str(archive), "--in-place", str(share))
+    assert result.returncode == 1, result.stderr
+    after = {r["path"]: r for r in lines(result)}
+    for path, starts in ((cut, "truncated: "), (junk, "not a DICOM file")):
+        record = after[str(path)]
+        assert record["status"] == "failed" and record["error"]["code"] == "indexed-file-broken"
+        assert record["SOPInstanceUID"] == before[str(path)]["SOPInstanceUID"]
+        assert record["error"]["message"].startswith(starts)
+        assert f"indexed for instance {record['SOPInstanceUID']}" in record["error"]["message"]
+    repaired = pacs(tmp_path, "verify", "--archive", str(archive), "--repair")
+    assert {r.get("repair") for r in lines(repaired)[:-1]} == {"dropped-row"}
+    assert pacs(tmp_path, "verify", "--archive", str(archive)).returncode == 0
+
+
 def test_in_place_says_what_changed_in_a_rewritten_file(tmp_path: Path) -> None:
     """A file indexed in place, then rewritten: with other content for its instance it is
     "updated" (the old sha256 in the record); holding another instance, the record warns

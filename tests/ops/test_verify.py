@@ -179,22 +179,26 @@ def test_no_archive_is_a_usage_error(tmp_path: Path) -> None:
 
 
 def test_missing_in_place_file_drops_its_row_and_leaves_the_share_alone(tmp_path: Path) -> None:
+    """A share's file gone or cut short: its row is dropped, the file left where it is. One
+    rewritten but still a whole instance is indexed again: its row was dropped too, and a
+    valid instance left the index."""
     share = tmp_path / "share"
-    kept, gone, changed = (write_instance(share / f"{n}.dcm", number=n) for n in range(3))
+    kept, gone, changed, cut = (write_instance(share / f"{n}.dcm", number=n) for n in range(4))
     root = tmp_path / "archive"
     assert all(r["outcome"] == "indexed" for r in
                index_files(root, StorageSettings(), [str(share)], in_place=True))
     gone.unlink()
     changed.write_bytes(changed.read_bytes()[:-1] + b"\x01")
+    cut.write_bytes(cut.read_bytes()[:-1])
     problems, _ = run_verify(root)
     assert {r["path"]: r["problem"] for r in problems} == {
-        str(gone): "missing", str(changed): "checksum-mismatch"}
+        str(gone): "missing", str(changed): "checksum-mismatch", str(cut): "size-mismatch"}
     repaired, _ = run_verify(root, repair=True)
     assert {r["path"]: r["repair"] for r in repaired} == {
-        str(gone): "dropped-row", str(changed): "dropped-row"}
-    assert changed.exists() and kept.exists()  # never moved out of the share
+        str(gone): "dropped-row", str(changed): "reindexed", str(cut): "dropped-row"}
+    assert changed.exists() and kept.exists() and cut.exists()  # never moved out of the share
     assert run_verify(root)[0] == []
-    assert sorted(os.listdir(share)) == ["0.dcm", "2.dcm"]
+    assert sorted(os.listdir(share)) == ["0.dcm", "2.dcm", "3.dcm"]
 
 
 def test_the_core_loads_no_cli_and_verify_no_pydicom() -> None:
