@@ -283,7 +283,10 @@ def complete_request(assoc: Association, request: RetrieveRequest, model: str, r
         raw = found.get(keyword)
         value = str(raw).strip() if raw else None
         if not value:
-            raise PeerFailure(f"{remote} did not return the {keyword} of {key} {uid}: give {hint}",
+            # An instance without a PatientID cannot be named in Patient Root at all.
+            advice = ("retrieve it in the Study Root model (--model study)"
+                      if keyword == "PatientID" else f"give {hint}")
+            raise PeerFailure(f"{remote} did not return the {keyword} of {key} {uid}: {advice}",
                               code="parent-unknown")
         uids[keyword] = value
     log.info("%s %s is in %s", key, uid, {k: uids[k] for k in missing})

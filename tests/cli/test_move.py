@@ -204,6 +204,31 @@ def test_an_empty_result_upstream_is_nothing_to_do(peers: Peers, tmp_path: Path)
     assert (result.returncode, result.stdout, result.stderr) == (0, "", "")
 
 
+def test_patient_root_retrieve_of_a_study_without_patient_id_says_what_can_be_done(
+        tmp_path: Path) -> None:
+    """No PatientID to name it by in Patient Root: the advice was to give --patient, which
+    has no value to give; it is now to retrieve in Study Root."""
+    from pacscli.archive.archive import Archive
+    from tests.conftest import start_server
+    from tests.dicom_files import make_dataset, write_instance
+
+    ds = make_dataset(patient_id="")
+    archive = Archive(tmp_path / "serve" / "archive")
+    archive.put(write_instance(tmp_path / "anon.dcm", ds))
+    archive.close()
+    server = start_server(tmp_path / "serve", archive=tmp_path / "serve" / "archive")
+    try:
+        result = run_pacs(tmp_path, "move", server.remote, "--model", "patient", "--dest", "X",
+                          "--study", str(ds.StudyInstanceUID))
+    finally:
+        server.stop()
+    assert result.returncode == 1, result.stderr
+    [record] = records(result)
+    assert record["error"]["message"].endswith(
+        f"did not return the PatientID of StudyInstanceUID {ds.StudyInstanceUID}: retrieve it "
+        "in the Study Root model (--model study)")
+
+
 def test_connection_refused_exits_3(tmp_path: Path) -> None:
     result = run_pacs(tmp_path, "move", f"QRSCP@127.0.0.1:{free_port()}", "--dest", "X",
                       "--study", "1.2.3")
