@@ -825,14 +825,14 @@ class AssociationServer:
         encoded, not a conversion made for us."""
         results = []
         seen: set[int] = set()
+        bad_ids: list[int] = []
         for rq in requested:
             duplicate = rq.context_id in seen
             seen.add(rq.context_id)
             if rq.context_id % 2 == 0 or duplicate:
                 # An ID must be odd and name one context (PS3.8 9.3.2.2): a second one
                 # would silently take the first one's place.
-                log.warning("%s proposed presentation context ID %d twice or even: refused",
-                            assoc, rq.context_id)
+                bad_ids.append(rq.context_id)
                 results.append(PresentationContext(rq.context_id, rq.abstract_syntax,
                                                    [rq.transfer_syntax[0]], NO_REASON))
                 continue
@@ -846,6 +846,11 @@ class AssociationServer:
                 continue
             results.append(PresentationContext(rq.context_id, rq.abstract_syntax, [chosen], ACCEPTANCE))
             assoc.contexts[rq.context_id] = Context(rq.context_id, rq.abstract_syntax, chosen)
+        if bad_ids:  # one line, however many (a request may hold thousands)
+            shown = ", ".join(map(str, sorted(set(bad_ids))[:10]))
+            log.warning("%s proposed %d presentation contexts with an ID used before or even "
+                        "(%s%s): refused", assoc, len(bad_ids), shown,
+                        ", ..." if len(set(bad_ids)) > 10 else "")
         return results
 
     def _send_accept(self, assoc: Association, request: Associate,

@@ -435,6 +435,27 @@ def test_a_context_id_proposed_twice_is_refused_and_roles_follow_accepted_contex
     assert set(accept.roles) == {CTImageStorage}
 
 
+def test_thousands_of_repeated_context_ids_are_logged_once(tmp_path: Path) -> None:
+    """A request of 2,000 contexts all with ID 1 wrote 1,999 warning lines."""
+    from pacscli.net.pdu import Associate, PresentationContext, encode_rq
+
+    request = Associate("PACSCLI", "RAWPEER", [
+        PresentationContext(1, Verification, ["1.2.840.10008.1.2"]) for _ in range(2000)],
+        max_pdu=16384)
+    body = encode_rq(request)
+    server = start_server(tmp_path / "serve")
+    try:
+        with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+            sock.sendall(struct.pack(">BBI", 0x01, 0, len(body)) + body)
+            assert read_pdu(sock)[0] == 0x02
+    finally:
+        server.stop()
+    stderr = server.stderr()
+    assert stderr.count("presentation context") == 1, stderr
+    assert "proposed 1999 presentation contexts with an ID used before or even (1): refused" \
+        in stderr
+
+
 def test_a_message_split_over_two_contexts_is_aborted(server: Server) -> None:
     """The command on one presentation context and its dataset on another (PS3.8 9.3.5.1
     wants one context a message): aborted, nothing stored. It was stored as success."""
