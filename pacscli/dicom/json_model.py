@@ -27,6 +27,7 @@ from pydicom.datadict import dictionary_VR, tag_for_keyword
 from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.filereader import read_file_meta_info
+from pydicom.sequence import Sequence as DicomSequence
 
 from pacscli.dicom.scan import DEFLATED
 from pacscli.records import Record
@@ -110,20 +111,27 @@ def file_json(path: Path) -> dict[str, Any]:
 
 
 def record_json(record: Record) -> dict[str, Any]:
-    """The JSON model of a record's DICOM values (keys that are DICOM keywords)."""
+    """The JSON model of a record's DICOM values (keys that are DICOM keywords), sequences
+    (lists of such records) included."""
+    return dataset_json(_record_dataset(record))
+
+
+def _record_dataset(record: Record) -> Dataset:
     dataset = Dataset()
     tagged = [(tag, key, value) for key, value in record.items()
               if (tag := tag_for_keyword(key)) is not None and not isinstance(value, dict)]
     for tag, key, value in sorted(tagged):  # in tag order, as in a file
         vr = dictionary_VR(tag).split(" or ")[0]  # "US or SS": either reads a plain number
-        if vr == "SQ":
-            continue
         try:
+            if vr == "SQ":
+                items = [_record_dataset(item) for item in value or [] if isinstance(item, dict)]
+                dataset.add_new(tag, vr, DicomSequence(items))
+                continue
             with warnings.catch_warnings(action="ignore"):
                 dataset.add_new(tag, vr, "" if value is None else value)
         except Exception as exc:  # a value its VR cannot hold ("abc" for an IS)
             log.warning("--dicom-json: %s left out: %s", key, exc)
-    return dataset_json(dataset)
+    return dataset
 
 
 def with_dicom_json(record: Record) -> Record:

@@ -44,6 +44,18 @@ def test_a_file_gives_its_dataset_without_pixel_data() -> None:
     assert model["00100020"] == {"vr": "LO", "Value": ["1CT1"]}
 
 
+def test_a_records_sequences_are_in_its_model() -> None:
+    """A find match's sequences (lists of item records) were left out of --dicom-json."""
+    model = record_json({"StudyInstanceUID": "1.2.3", "ProcedureCodeSequence": [
+        {"CodeValue": "RPID5", "CodeMeaning": "CT HEAD"}, {"CodeValue": "RPID6",
+                                                            "CodeMeaning": None}],
+                         "ReferencedStudySequence": None})
+    assert model["00081032"] == {"vr": "SQ", "Value": [
+        {"00080100": {"vr": "SH", "Value": ["RPID5"]}, "00080104": {"vr": "LO", "Value": ["CT HEAD"]}},
+        {"00080100": {"vr": "SH", "Value": ["RPID6"]}, "00080104": {"vr": "LO"}}]}
+    assert model["00081110"] == {"vr": "SQ"}  # asked for, empty
+
+
 def test_a_record_gives_its_own_values_with_dictionary_vrs() -> None:
     model = record_json({"QueryRetrieveLevel": "STUDY", "StudyInstanceUID": "1.2.3",
                          "PatientName": "Doe^John", "ModalitiesInStudy": ["CT", "MR"],
