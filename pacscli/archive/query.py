@@ -260,6 +260,12 @@ def _plan(level: str, identifier: Dataset, model: str, ci: bool, retrieve_aet: s
             if source != "charset":
                 fields.append(_Field(tag, vr, source))
             continue
+        if tag.is_private_creator:
+            # It reserves a block for the private keys after it, matches nothing (a vendor
+            # workstation sends its own with every query): returned as the instance has it.
+            fields.append(_Field(tag, vr, "file"))
+            file_identifier.add(DataElement(tag, vr, None))
+            continue
         owner = level_of(keyword, model) if keyword else None
         if keyword in _COLUMNS and vr != "SQ":
             column_level, expr = _COLUMNS[keyword]
@@ -440,6 +446,10 @@ def _copy_from_file(ds: Dataset, fld: _Field, found: Dataset | None, keys: Datas
         log.warning("%s in an archived file at the %s level cannot be read: returned empty",
                     name_of(fld.tag), level.lower())
         elem = None
+    if elem is not None and fld.vr == "UN" and elem.VR not in ("UN", "SQ"):
+        # a private key, whose VR the query could not give: the instance knows it
+        _add_value(ds, _Field(fld.tag, elem.VR, fld.source), elem.value, level)
+        return
     if elem is None or (fld.vr not in (elem.VR, "SQ")):
         ds.add_new(fld.tag, fld.vr, DicomSequence([]) if fld.vr == "SQ" else None)
         return

@@ -190,7 +190,10 @@ def tag_of(name: str) -> BaseTag:
 
 
 def vr_of(tag: BaseTag) -> str:
-    """The dictionary VR of a tag; the first one where the dictionary gives a choice."""
+    """The dictionary VR of a tag; the first one where the dictionary gives a choice. A
+    private creator is LO; other private tags, whose VR only their creator knows, UN."""
+    if tag.is_private:
+        return "LO" if tag.is_private_creator else "UN"
     try:
         vr = str(dictionary_VR(tag))
     except KeyError:
@@ -235,6 +238,9 @@ def _typed(vr: str, value: str) -> Any:
     """A query value as pydicom wants it for its VR (None for a return key)."""
     if value == "":
         return None
+    if vr == "UN":
+        raise UsageError(f"{value!r}: a private attribute's VR is known only to its creator, "
+                         "so it can be asked for (KEY without a value), not matched on")
     if vr in _BINARY_INT_VRS:
         try:
             return int(value)

@@ -158,6 +158,29 @@ def test_archive_gives_the_same_records_in_patient_root(peer: tuple[Dcmqrscp, Pa
         assert remote and _comparable(find(peer, tmp_path, *args, local=True)) == remote
 
 
+def test_private_keys_are_returned_as_the_instance_has_them(tmp_path: Path) -> None:
+    """A private creator and a private key of its block, asked of the archive: the key was
+    refused ("not in the DICOM dictionary"). A private value cannot be matched on: its VR
+    is known only to its creator."""
+    from tests.dicom_files import make_dataset, write_instance
+
+    ds = make_dataset(patient_id="PRIV1")
+    ds.private_block(0x0009, "ACME", create=True).add_new(0x01, "LO", "secret")
+    archive = Archive(tmp_path / "archive")
+    archive.put(write_instance(tmp_path / "a.dcm", ds))
+    archive.close()
+    result = run_pacs(tmp_path, "find", "--archive", str(tmp_path / "archive"),
+                      "-k", "PatientID=PRIV1", "-k", "(0009,0010)=ACME", "-k", "(0009,1001)")
+    [record] = records(result)
+    assert (record["(0009,0010)"], record["(0009,1001)"]) == ("ACME", "secret")
+    other = run_pacs(tmp_path, "find", "--archive", str(tmp_path / "archive"),
+                     "-k", "(0009,0010)=OTHER")
+    assert len(records(other)) == 1  # the creator reserves a block: it does not filter
+    refused = run_pacs(tmp_path, "find", "--archive", str(tmp_path / "archive"),
+                       "-k", "(0009,1001)=secret")
+    assert refused.returncode == 2 and "can be asked for" in refused.stderr
+
+
 def test_limit_cancels_the_query(peer: tuple[Dcmqrscp, Path], tmp_path: Path) -> None:
     result = find(peer, tmp_path, "--limit", "2")
     assert result.returncode == 0, result.stderr

@@ -112,6 +112,16 @@ def test_serve_agrees_to_relational_queries_and_fuzzy_names(
         assoc.release()
 
 
+def test_a_private_creator_in_a_query_reserves_its_block_and_matches_nothing(
+        qr: tuple[Server, list[Path], StoreSCP], tmp_path: Path) -> None:
+    """Vendor workstations send their private creator with each query: serve matched on it,
+    and found nothing where dcmqrscp finds the study."""
+    server, _, _ = qr
+    found = find(server, tmp_path, "QueryRetrieveLevel=STUDY", "PatientID=WATSON1",
+                 "StudyInstanceUID", "(0009,0010)=ACME", "(0009,1001)")
+    assert values(found, "StudyInstanceUID") == {WATSON_STUDY}
+
+
 def test_find_date_range_and_uid_list(qr: tuple[Server, list[Path], StoreSCP], tmp_path: Path) -> None:
     server, _, _ = qr
     in_range = find(server, tmp_path / "range", "QueryRetrieveLevel=STUDY",
