@@ -30,6 +30,7 @@ from pacscli.dicom.attributes import tag_of
 from pacscli.dicom.identity import read_header, read_meta_values, read_raw_header, read_raw_top_level
 from pacscli.dicom.scan import mapped, scan_part10
 from pacscli.dicom.uids import (
+    EXPLICIT_VR_LITTLE_ENDIAN,
     IMPLICIT_VR_LITTLE_ENDIAN,
     MEDIA_STORAGE_DIRECTORY,
     UNCOMPRESSED_SYNTAXES,
@@ -127,6 +128,15 @@ def _has_odd_fragment(fp: BinaryIO) -> bool:
     return False
 
 
+def _implicit_at(fp: BinaryIO, offset: int) -> bool:
+    """Whether the dataset at `offset` begins as implicit VR does: no VR letters after its
+    first tag (what pydicom and scan_part10 go by in a file labelled explicit)."""
+    fp.seek(offset)
+    head = fp.read(6)
+    fp.seek(offset)
+    return len(head) == 6 and not (b"AA" <= head[4:6] <= b"ZZ")
+
+
 def _identity_texts(fp: BinaryIO, offset: int,
                     transfer_syntax: str) -> tuple[list[str | None], bool]:
     """The IDENTITY UIDs as stored in the dataset at `offset` (None when absent), and
@@ -188,6 +198,9 @@ def scan(path: Path) -> Instance:
             transfer_syntax = clean_uid(ts_text)
             if not transfer_syntax:
                 raise InvalidDicomError("the file meta has no Transfer Syntax UID")
+            mislabelled = transfer_syntax == EXPLICIT_VR_LITTLE_ENDIAN and _implicit_at(fp, offset)
+            if mislabelled:  # sent as encoded: a peer reading it as the meta says cannot
+                transfer_syntax = IMPLICIT_VR_LITTLE_ENDIAN
             uid_texts, odd = _identity_texts(fp, offset, transfer_syntax)
     except OSError as exc:
         raise InvalidDicomError(f"cannot read {path}: {exc.strerror or exc}") from exc
@@ -199,6 +212,9 @@ def scan(path: Path) -> Instance:
     fixes: list[str] = []
     if _is_padded(ts_text):
         fixes.append("TransferSyntaxUID padding removed")
+    if mislabelled:
+        fixes.append("the file meta says Explicit VR Little Endian, the dataset is Implicit VR "
+                     "Little Endian: sent as Implicit VR Little Endian")
     values: dict[str, str] = {}
     for keyword, text in zip(IDENTITY, uid_texts, strict=True):
         if text is not None and clean_uid(text):

@@ -308,6 +308,34 @@ def test_a_sop_instance_uid_over_64_characters_fails_here(tmp_path: Path,
     assert len(list(out.iterdir())) == 1
 
 
+def test_a_file_whose_meta_misnames_its_encoding_is_sent_as_encoded(tmp_path: Path,
+                                                                      storescp: Storescp) -> None:
+    """File meta Explicit VR LE, dataset Implicit VR LE (old devices write such files, and
+    pydicom reads them): sent under the meta's syntax, storescp could not parse it and
+    aborted the association. It now goes as Implicit VR LE, and the record says so."""
+    from pydicom.filewriter import write_dataset
+
+    from pacscli.dicom.identity import seek_dataset
+
+    remote, out = storescp()
+    ds = pydicom.dcmread(testdata("explicit_le"))
+    raw = pydicom.filebase.DicomBytesIO()
+    raw.is_little_endian, raw.is_implicit_VR = True, True
+    write_dataset(raw, ds)
+    with open(testdata("explicit_le"), "rb") as fp:
+        offset = seek_dataset(fp)
+        fp.seek(0)
+        head = fp.read(offset)
+    (tmp_path / "mislabelled.dcm").write_bytes(head + raw.getvalue())
+    result = pacs_store(tmp_path, remote, str(tmp_path / "mislabelled.dcm"))
+    assert result.returncode == 0, result.stderr
+    [record] = records(result)
+    assert record["status"] == "ok" and record["transfer_syntax"] == ImplicitVRLittleEndian
+    assert any("dataset is Implicit VR Little Endian" in fix for fix in record["fixed"])
+    [received] = out.iterdir()
+    assert pydicom.dcmread(received).PatientName == ds.PatientName
+
+
 def test_a_peer_aborting_the_association_request_is_named_with_why(tmp_path: Path) -> None:
     from tests.cli.test_echo import _raw_peer
 
