@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from pacscli.dicom.attributes import INDEXED_ATTRIBUTES, InstanceInfo
-from pacscli.errors import ArchiveError
+from pacscli.errors import ArchiveError, OutOfResourcesError
 
 SCHEMA_VERSION = 4
 
@@ -175,6 +175,8 @@ _PARENTS = {
 
 def unusable(exc: sqlite3.DatabaseError) -> ArchiveError:
     """The error to report for an index SQLite cannot use, with what to do when damaged."""
+    if getattr(exc, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL:
+        return OutOfResourcesError(f"cannot write the archive's index: {exc}")
     message = f"the archive's index cannot be used: {exc}"
     if getattr(exc, "sqlite_errorcode", None) in (sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB):
         message += ("; it is damaged: rebuild it from the archive's files with "

@@ -99,8 +99,9 @@ def referenced_files(dicomdir: Path) -> tuple[list[str], list[tuple[str, str]]]:
             continue
         try:
             components = _components(value)
-        except ValueError as exc:
-            missing.append((str(value), str(exc)))
+        except ValueError as exc:  # named as written, its components joined by '/'
+            raw = value.split("\\") if isinstance(value, str) else list(value)
+            missing.append(("/".join(str(p).strip() for p in raw), str(exc)))
             continue
         path = resolver.resolve(components)
         if path is None:

@@ -202,8 +202,9 @@ def scan(path: Path) -> Instance:
             if mislabelled:  # sent as encoded: a peer reading it as the meta says cannot
                 transfer_syntax = IMPLICIT_VR_LITTLE_ENDIAN
             uid_texts, odd = _identity_texts(fp, offset, transfer_syntax)
-    except OSError as exc:
-        raise InvalidDicomError(f"cannot read {path}: {exc.strerror or exc}") from exc
+    except OSError as exc:  # named as `pacs index` names it
+        raise InvalidDicomError(f"cannot read {path}: {exc.strerror or exc}",
+                                code="unreadable") from exc
     except InvalidDicomError:
         raise
     except Exception as exc:  # pydicom raises many kinds on damaged files

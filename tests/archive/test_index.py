@@ -123,3 +123,17 @@ def test_processes_opening_a_new_index_at_once_all_succeed(tmp_path: Path) -> No
             proc.join()
         failures += [outcome for outcome in outcomes if outcome != "ok"]
     assert failures == []
+
+
+def test_a_full_disk_under_the_index_is_out_of_resources() -> None:
+    """A commit that found the disk full was reported as an unusable index."""
+    from pacscli.archive.index import unusable
+    from pacscli.errors import OutOfResourcesError
+
+    full = sqlite3.OperationalError("database or disk is full")
+    full.sqlite_errorcode = sqlite3.SQLITE_FULL
+    error = unusable(full)
+    assert isinstance(error, OutOfResourcesError) and error.code == "out-of-resources"
+    damaged = sqlite3.DatabaseError("database disk image is malformed")
+    damaged.sqlite_errorcode = sqlite3.SQLITE_CORRUPT
+    assert unusable(damaged).code == "index-unusable"

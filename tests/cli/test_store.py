@@ -336,6 +336,24 @@ def test_a_file_whose_meta_misnames_its_encoding_is_sent_as_encoded(tmp_path: Pa
     assert pydicom.dcmread(received).PatientName == ds.PatientName
 
 
+def test_a_file_that_cannot_be_read_is_unreadable_as_index_says(tmp_path: Path) -> None:
+    """Permission denied was an `invalid-dicom` failure: index calls it `unreadable`."""
+    locked = tmp_path / "locked.dcm"
+    locked.write_bytes(testdata("explicit_le").read_bytes())
+    locked.chmod(0)
+    drop = "-dac_override,-dac_read_search"  # root reads any file: not without these
+    prefix = ["setpriv", f"--bounding-set={drop}", f"--inh-caps={drop}", "--"] \
+        if os.geteuid() == 0 else []
+    (tmp_path / "config.toml").write_text("")
+    result = subprocess.run([*prefix, *pacs_cmd("store", f"X@127.0.0.1:{free_port()}",
+                                                 str(locked))],
+                            capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL,
+                            env={**os.environ, "PACS_CONFIG": str(tmp_path / "config.toml")})
+    [record] = records(result)
+    assert record["status"] == "failed" and record["error"]["code"] == "unreadable", record
+    assert "Permission denied" in record["error"]["message"]
+
+
 def test_a_peer_aborting_the_association_request_is_named_with_why(tmp_path: Path) -> None:
     from tests.cli.test_echo import _raw_peer
 

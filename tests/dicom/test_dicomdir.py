@@ -40,6 +40,18 @@ def test_unsafe_file_ids_are_refused() -> None:
     assert _components("A\\B") == ["A", "B"]
 
 
+def test_an_unsafe_reference_is_named_as_a_path(tmp_path: Path) -> None:
+    """It was named as a Python list: "['..', '..', 'etc', 'passwd']"."""
+    media = tmp_path / "media"
+    shutil.copytree(DICOMDIR.parent / "TINY_ALPHA", media)
+    ds = pydicom.dcmread(media / "DICOMDIR")
+    ds.DirectoryRecordSequence[-1].ReferencedFileID = ["..", "..", "etc", "passwd"]
+    ds.save_as(media / "DICOMDIR")
+    found, missing = referenced_files(media / "DICOMDIR")
+    assert len(found) == 49
+    assert missing == [("../../etc/passwd", "unsafe or empty File ID '../../etc/passwd'")]
+
+
 def test_not_a_dicomdir(tmp_path: Path) -> None:
     junk = tmp_path / "DICOMDIR"
     junk.write_text("nope")
