@@ -60,6 +60,11 @@ class StoreResponse:
     error_comment: str = ""
 
 
+class SendStalled(TimeoutError):
+    """The peer stopped reading what we sent (a TimeoutError of the sending, not of waiting
+    for a response)."""
+
+
 class ClientAssociation(Association):
     """An association we requested: its accepted contexts and the C-STORE it sends."""
 
@@ -94,13 +99,16 @@ class ClientAssociation(Association):
         when the file ends early), and TimeoutError when no response comes within the
         DIMSE timeout.
         """
-        if isinstance(dataset, DatasetFile):  # opened first: a file we cannot open uses no message ID
-            outgoing = self._take_ahead(context.id, dataset) or self._open(context.id, dataset)
-            message_id, command = self._store_command(context, sop_uid)
-            self.send_message(context.id, command, outgoing)
-        else:
-            message_id, command = self._store_command(context, sop_uid)
-            self.send_message(context.id, command, dataset)
+        try:
+            if isinstance(dataset, DatasetFile):  # opened first: a file we cannot open uses no message ID
+                outgoing = self._take_ahead(context.id, dataset) or self._open(context.id, dataset)
+                message_id, command = self._store_command(context, sop_uid)
+                self.send_message(context.id, command, outgoing)
+            else:
+                message_id, command = self._store_command(context, sop_uid)
+                self.send_message(context.id, command, dataset)
+        except TimeoutError:
+            raise self._stalled() from None
         if upcoming is not None:
             self._read_ahead(*upcoming)
         self.sock.settimeout(self.dimse_timeout)
@@ -115,6 +123,20 @@ class ClientAssociation(Association):
             raise AssociationClosed(f"{self.remote} answered with command 0x{response.field:04x} "
                                     f"instead of the C-STORE response to message {message_id}")
         return StoreResponse(response.number("Status"), response.get("ErrorComment"))
+
+    def _stalled(self) -> Exception:
+        """Why the peer took no more of a message for a timeout: an A-ABORT it sent and
+        stopped reading after, or nothing it says."""
+        try:
+            self.sock.settimeout(0)
+            head = self.sock.recv(10, socket.MSG_PEEK)
+        except OSError:  # nothing waiting (BlockingIOError), or the connection is gone
+            head = b""
+        if len(head) == 10 and head[0] == A_ABORT_TYPE:
+            return AssociationClosed(f"the peer aborted the association (A-ABORT from "
+                                     f"{abort_text(head[8], head[9])})")
+        return SendStalled(f"{self.remote} took none of the data sent for "
+                           f"{self.dimse_timeout:g} s")
 
     def _store_command(self, context: Context, sop_uid: str) -> tuple[int, bytes]:
         """A new message ID and the C-STORE-RQ command set that carries it."""
@@ -258,6 +280,7 @@ def request_association(settings: Settings, remote: Remote, contexts: Sequence[P
         raise NetworkError(f"{remote} accepted the association but none of the presentation contexts "
                            "offered", code="no-accepted-context")
     assoc.established = True
+    sock.settimeout(net.dimse_timeout)  # the sending of the first message too, not the ACSE's
     return assoc
 
 

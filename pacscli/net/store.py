@@ -41,7 +41,7 @@ from pacscli.dicom.uids import (
 )
 from pacscli.errors import InvalidDicomError, NetworkError, PacsError, UsageError
 from pacscli.inputs import not_a_file, walk
-from pacscli.net.client import ClientAssociation, request_association
+from pacscli.net.client import ClientAssociation, SendStalled, request_association
 from pacscli.net.pdu import PresentationContext
 from pacscli.net.server import AssociationClosed, Context, DatasetFile, ProtocolBroken
 from pacscli.records import Record, failed, skipped
@@ -516,6 +516,12 @@ def _send_one(assoc: ClientAssociation, instance: Instance, remote: Remote, work
                                  upcoming=_as_stored(assoc, upcoming))
     except PacsError as exc:
         return failed(exc, **base, **fields)
+    except SendStalled as exc:
+        assoc.abort()
+        error = NetworkError(f"{exc}: it stopped reading while this instance was sent",
+                             code="peer-stalled")
+        errors.append(error)
+        return failed(error, **base, **fields)
     except TimeoutError:
         assoc.abort()
         error = NetworkError(f"no C-STORE response from {remote} within {assoc.dimse_timeout:g} s",

@@ -55,6 +55,7 @@ from tests.dicom.test_identity import (
     part10,
     pixel_data,
 )
+from tests.dicom_files import write_instance
 
 CT = "1.2.840.10008.5.1.4.1.1.2"
 
@@ -489,6 +490,51 @@ def test_datasets_of_many_pdus_and_batches_arrive_as_stored(tmp_path: Path, monk
     assert read_ahead == [False] + [True] * (len(files) - 1)
     arrived = {p.name.removeprefix("CT."): _dataset_bytes(p) for p in out.iterdir()}
     assert arrived == {r["SOPInstanceUID"]: _dataset_bytes(Path(r["path"])) for r in records}
+
+
+@pytest.mark.parametrize("abort", [False, True])
+def test_a_peer_that_stops_reading_is_told_from_one_that_does_not_answer(
+        tmp_path: Path, abort: bool) -> None:
+    """A peer that accepts, then reads no more of a big instance (after an A-ABORT, or
+    without a word): the record said "no C-STORE response", though nothing had been sent
+    whole, and an A-ABORT waiting to be read went unread."""
+    import dataclasses
+    import socket as sockets
+    import time
+
+    from pacscli.net.pdu import Associate, PresentationContext, decode_rq, encode_ac
+
+    big = write_instance(tmp_path / "big.dcm", rows=3000)  # 18 MB: more than socket buffers
+    listener = sockets.create_server(("127.0.0.1", 0))
+
+    def peer() -> None:
+        with listener, listener.accept()[0] as conn:
+            header = conn.recv(6, sockets.MSG_WAITALL)
+            request = decode_rq(conn.recv(struct.unpack(">I", header[2:])[0], sockets.MSG_WAITALL))
+            contexts = [PresentationContext(c.context_id, transfer_syntax=[c.transfer_syntax[0]],
+                                            result=0) for c in request.contexts]
+            accept = encode_ac(Associate(request.called_ae_title, request.calling_ae_title,
+                                         contexts, max_pdu=65536, implementation_class_uid="1.2.3"))
+            conn.sendall(struct.pack(">BBI", 0x02, 0, len(accept)) + accept)
+            if abort:
+                conn.sendall(bytes([0x07, 0, 0, 0, 0, 4, 0, 0, 2, 2]))
+            time.sleep(6)  # reads nothing more
+
+    threading.Thread(target=peer, daemon=True).start()
+    settings = _settings(tmp_path)
+    settings = settings.with_changes(network=dataclasses.replace(settings.network, dimse_timeout=1.0))
+    remote = parse_remote(f"PEER@127.0.0.1:{listener.getsockname()[1]}")
+    with pytest.raises(NetworkError):
+        records = []
+        for record in store(settings, remote, [{"path": str(big)}]):
+            records.append(record)
+    [record] = records
+    if abort:
+        assert record["error"]["code"] == "association-aborted"
+        assert "A-ABORT from the service provider, for an unexpected PDU" in record["error"]["message"]
+    else:
+        assert record["error"]["code"] == "peer-stalled"
+        assert "took none of the data sent for 1 s: it stopped reading" in record["error"]["message"]
 
 
 def test_a_peer_that_stops_answering_costs_one_timeout(tmp_path: Path) -> None:
