@@ -51,6 +51,7 @@ from pacscli.dicom.identity import (
 )
 from pacscli.dicom.part10 import part10_header
 from pacscli.dicom.scan import DEFLATED, mapped, scan_dataset
+from pacscli.dicom.uids import require_sop_class
 from pacscli.errors import (
     ArchiveError,
     InvalidDicomError,
@@ -212,6 +213,9 @@ class Archive:
         raises, nothing was written under a real name and the index is unchanged.
         """
         info = info or read_instance_info(source)
+        # What enters the archive must be servable: its class goes into file metas and
+        # negotiations. (Instances already in it are indexed all the same: index_in_place.)
+        require_sop_class(info.sop_class_uid)
         header = self._file_meta_bytes(info, source_aet) if rewrite_meta else None
         return self._put(info, source, header, source_aet if rewrite_meta else info.source_aet,
                          checked=checked)
@@ -250,6 +254,7 @@ class Archive:
             _check_whole(dataset, transfer_syntax)
             info = receiving.info if receiving is not None and receiving.info is not None \
                 else read_received_info(dataset, transfer_syntax)
+            require_sop_class(info.sop_class_uid)
             header = self._file_meta_bytes(info, source_aet)
         except BaseException:
             if receiving is not None:

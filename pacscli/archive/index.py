@@ -237,7 +237,11 @@ class Index:
             _when_free(conn, "PRAGMA journal_mode=WAL")
         except sqlite3.OperationalError as exc:
             conn.close()
-            if exc.sqlite_errorcode != sqlite3.SQLITE_CANTOPEN or not self.path.is_file() \
+            # CANTOPEN in a folder no one may write (chattr +i, a read-only mount);
+            # READONLY_DIRECTORY in one we may not (its mode, another user's)
+            primary = exc.sqlite_errorcode & 0xFF
+            if primary not in (sqlite3.SQLITE_CANTOPEN, sqlite3.SQLITE_READONLY) \
+                    or not self.path.is_file() \
                     or self.path.with_name(self.path.name + "-wal").exists():
                 raise
             # A WAL database is read through its -shm file, which SQLite cannot create in a

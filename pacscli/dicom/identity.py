@@ -48,7 +48,6 @@ from pacscli.dicom.uids import (
     TRANSFER_SYNTAXES,
     clean_uid,
     require_safe_uid,
-    require_sop_class,
 )
 from pacscli.errors import InvalidDicomError
 
@@ -300,7 +299,7 @@ def _build_info(attributes: dict[str, str | None], charset: str | None, transfer
     sop_class = clean_uid(attributes["SOPClassUID"] or meta_sop_class)
     if not sop_class:
         raise InvalidDicomError("the instance has no SOP Class UID")
-    attributes["SOPClassUID"] = require_sop_class(sop_class)
+    attributes["SOPClassUID"] = sop_class
     return InstanceInfo(
         study_uid=study_uid,
         series_uid=series_uid,

@@ -303,11 +303,14 @@ def index_files(root: Path, storage: StorageSettings, paths: Iterable[str], *,
 
 def _index(root: Path, storage: StorageSettings, early: list[Record], files: list[str],
            in_place: bool, jobs: int) -> Iterator[Record]:
-    yield from early
     if in_place:
         with closing(Archive(root, storage)) as archive:
+            # a path indexed before that is now no file (a FIFO, a link to nothing)
+            yield from (_broken_since(archive, r) if r["status"] in ("skipped", "failed")
+                        and "path" in r else r for r in early)
             yield from _index_in_place(archive, files, jobs, check_unchanged=True)
         return
+    yield from early
     # Create (or migrate) the archive once, before the workers fork.
     Archive(root, storage).close()
     factory = functools.partial(_Worker, root, storage, True)
@@ -394,20 +397,22 @@ def rebuild_index(root: Path, storage: StorageSettings, *, jobs: int = 1,
     root = root.expanduser().absolute()
     if not root.is_dir():
         raise UsageError(f"no archive at {root}")
+    unlistable: list[tuple[Path, OSError]] = []
+    on_disk = archive_files(root, unlistable)  # before the index is emptied
+    if unlistable:
+        folder, exc = unlistable[0]
+        raise ArchiveError(f"cannot list {folder} ({exc.strerror or exc}): the rebuilt index "
+                           "would lack its instances, so nothing was changed",
+                           code="unreadable")
     notes: list[Record] = []
     archive, external = _emptied(root, storage, notes)
     with closing(archive):
-        unlistable: list[tuple[Path, OSError]] = []
         files = []
-        for rel in archive_files(root, unlistable):
+        for rel in on_disk:
             if _regular(root / rel):
                 files.append(str(root / rel))
             else:  # never opened: a FIFO would block for ever
                 notes.append(not_a_file(str(root / rel)))
-        notes.extend(failed(PacsError(f"cannot list {folder}: {exc.strerror or exc}; its "
-                                      "instances are not in the new index",
-                                      code="unreadable"), path=str(folder))
-                     for folder, exc in unlistable)
         for path in external:
             if os.path.isfile(path):
                 files.append(path)

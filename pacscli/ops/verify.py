@@ -185,8 +185,13 @@ def _staging(root: Path) -> tuple[list[Path], bool]:
     if not staging.is_dir():
         return leftovers, writer
     for entry in sorted(staging.iterdir()):
+        if entry.is_symlink():  # never followed: a repair would move what it points at
+            leftovers.append(entry)
+            continue
         if entry.is_dir() and staging_alive(entry):
-            writer = writer or not entry.name.startswith(f"{os.getpid()}-")
+            # Another process's: verify holds no staging folder yet, and a PID would not
+            # tell (a writer in another PID namespace may have ours).
+            writer = True
             continue
         if entry.is_dir():
             leftovers.extend(sorted(p for p in entry.rglob("*")
@@ -374,19 +379,21 @@ def _kind(mode: int) -> str:
     return next((name for test, name in kinds if test(mode)), "something")
 
 
-def _check_whole(path: Path) -> None:
+def _check_whole(path: Path, *, follow: bool = False) -> None:
     """Raise InvalidDicomError unless `path` is a regular file holding a whole Part 10
-    instance, as `pacs index` checks it: `Archive.index_in_place` reads only the header."""
-    st = path.lstat()
+    instance, as `pacs index` checks it: `Archive.index_in_place` reads only the header.
+    A link is followed only when `follow` (a share's file, as `index --in-place` reads it;
+    never one among the archive's own files)."""
+    st = path.stat() if follow else path.lstat()
     if not stat.S_ISREG(st.st_mode):
         raise InvalidDicomError(f"{_kind(st.st_mode)}, not a file", code="not-a-file")
     with Part10File(path) as f:
         scan_part10(f.data)
 
 
-def _whole(path: Path) -> bool:
+def _whole(path: Path, *, follow: bool = False) -> bool:
     try:
-        _check_whole(path)
+        _check_whole(path, follow=follow)
     except (InvalidDicomError, OSError):
         return False
     return True
@@ -423,10 +430,12 @@ class _Repairer:
         sops = [record["SOPInstanceUID"]] if record.get("SOPInstanceUID") else []
         internal = path.is_relative_to(self.root)
         try:
-            if code in ("size-mismatch", "checksum-mismatch") and not internal and _whole(path):
+            if code in ("size-mismatch", "checksum-mismatch") and not internal and \
+                    _whole(path, follow=True) and \
+                    self.archive.index_in_place(path).outcome in ("indexed", "updated", "replaced"):
                 # A file on a share rewritten since, still a whole instance: its row is
-                # brought up to date, not dropped (a valid instance left the index).
-                self.archive.index_in_place(path)
+                # brought up to date, not dropped (a valid instance left the index). One now
+                # holding a copy of another indexed instance has its row dropped below.
                 record.update(repair="reindexed", status="warning")
                 return
             drops = code == "missing" or (code in _CORRUPT | {"unreadable"} and not internal)
@@ -449,7 +458,7 @@ class _Repairer:
                 record["quarantine_path"] = str(self.quarantine.move(path))
                 done = "quarantined"
             elif code == "uid-mismatch":
-                _check_whole(path)
+                _check_whole(path, follow=not internal)
                 self.archive.index_in_place(path)
                 done = "reindexed"
             elif code == "unindexed":

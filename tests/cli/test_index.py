@@ -147,10 +147,16 @@ def test_in_place_names_the_instance_of_a_file_broken_since(tmp_path: Path) -> N
                                                 "--in-place", str(share)))}
     cut.write_bytes(cut.read_bytes()[:-100])
     junk.write_text("junk\n")
+    fifo = write_instance(share / "c.dcm", number=3)
+    before.update({r["path"]: r for r in lines(pacs(tmp_path, "index", "--archive", str(archive),
+                                                     "--in-place", str(fifo)))})
+    fifo.unlink()
+    os.mkfifo(fifo)  # never opened: a FIFO in its place is broken too
     result = pacs(tmp_path, "index", "--archive", str(archive), "--in-place", str(share))
     assert result.returncode == 1, result.stderr
     after = {r["path"]: r for r in lines(result)}
-    for path, starts in ((cut, "truncated: "), (junk, "not a DICOM file")):
+    for path, starts in ((cut, "truncated: "), (junk, "not a DICOM file"),
+                         (fifo, "not a regular file")):
         record = after[str(path)]
         assert record["status"] == "failed" and record["error"]["code"] == "indexed-file-broken"
         assert record["SOPInstanceUID"] == before[str(path)]["SOPInstanceUID"]

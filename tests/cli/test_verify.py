@@ -16,7 +16,7 @@ from pacscli.archive import layout
 from pacscli.ops.verify import verify_archive
 from scripts.benchdata import make_ct_series
 from tests.cli.test_index import lines, pacs
-from tests.conftest import DCMTK_ENV, require, start_server
+from tests.conftest import DCMTK_ENV, pacs_cmd, require, start_server
 from tests.dicom_files import archive_contents, dead_pid, write_instance
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
@@ -159,6 +159,33 @@ def test_an_archive_in_a_folder_that_cannot_be_written_is_still_read(tmp_path: P
         subprocess.run(["chattr", "-i", str(archive)] if os.geteuid() == 0
                        else ["chmod", "u+w", str(archive)], check=True)
     assert len(lines(pacs(tmp_path, "find", "--archive", str(archive), "--level", "image"))) == 3
+
+
+def test_an_archive_in_a_folder_we_may_not_write_is_read(tmp_path: Path) -> None:
+    """The folder's mode, not chattr: SQLite says READONLY_DIRECTORY there, not CANTOPEN,
+    and find and verify still could not open the index."""
+    src = tmp_path / "src"
+    write_instance(src / "a.dcm")
+    archive = tmp_path / "archive"
+    assert pacs(tmp_path, "index", "--archive", str(archive), str(src)).returncode == 0
+    conn = sqlite3.connect(archive / layout.INDEX_FILE)
+    conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    conn.close()
+    archive.chmod(0o555)
+    drop = "-dac_override,-dac_read_search"
+    prefix = ["setpriv", f"--bounding-set={drop}", f"--inh-caps={drop}", "--"] \
+        if os.geteuid() == 0 else []
+    (tmp_path / "config.toml").write_text("")
+    env = {**os.environ, "PACS_CONFIG": str(tmp_path / "config.toml")}
+    try:
+        for args in (["find", "--archive", str(archive), "--level", "image"],
+                     ["verify", "--archive", str(archive)]):
+            result = subprocess.run([*prefix, *pacs_cmd(*args)], capture_output=True, text=True,
+                                    timeout=60, stdin=subprocess.DEVNULL, env=env)
+            assert result.returncode == 0, result.stderr
+            assert len(lines(result)) == 1
+    finally:
+        archive.chmod(0o755)
 
 
 def test_a_damaged_index_is_named_with_what_to_do(tmp_path: Path) -> None:

@@ -12,11 +12,13 @@ import sys
 from collections import Counter
 from pathlib import Path
 
+import pydicom
 import pytest
 
 from pacscli.archive import layout
+from pacscli.archive.index import Index
 from pacscli.config import StorageSettings
-from pacscli.ops.indexer import index_files
+from pacscli.ops.indexer import index_files, rebuild_index
 from pacscli.ops.verify import exit_code, verify_archive
 from pacscli.records import Record
 from tests.dicom_files import archive_contents, dead_pid, write_instance
@@ -293,7 +295,7 @@ def test_what_is_not_a_file_among_the_instances_is_named_never_opened(tmp_path: 
 
 def test_a_folder_that_cannot_be_listed_is_a_problem_and_fails_a_rebuild(tmp_path: Path) -> None:
     """Its files went unchecked with exit 0, and a rebuild dropped its instances from the
-    index with exit 0: only a log line said so."""
+    index with exit 0: only a log line said so. A rebuild now changes nothing."""
     root, stored = make_archive(tmp_path, count=3)
     folder = Path(stored[0]["path"]).parent
     prefix = _unlistable(folder)
@@ -305,6 +307,7 @@ def test_a_folder_that_cannot_be_listed_is_a_problem_and_fails_a_rebuild(tmp_pat
                                     timeout=60, stdin=subprocess.DEVNULL)
             runs[args[0]] = (result.returncode,
                              [json.loads(line) for line in result.stdout.splitlines()])
+            rebuild_stderr = [result.stderr]
     finally:
         folder.chmod(0o755)
     code, records = runs["verify"]
@@ -312,10 +315,10 @@ def test_a_folder_that_cannot_be_listed_is_a_problem_and_fails_a_rebuild(tmp_pat
     assert sorted((r["problem"], r["path"]) for r in records[:-1]) == [
         ("unlistable", str(folder)), ("unreadable", stored[0]["path"])]  # its indexed file
     code, records = runs["index"]
-    assert code == 1
-    [failure] = [r for r in records if r["status"] == "failed"]
-    assert failure["path"] == str(folder) and failure["error"]["code"] == "unreadable"
-    assert "its instances are not in the new index" in failure["error"]["message"]
+    assert code == 1 and records == []
+    assert f"cannot list {folder} (Permission denied): the rebuilt index would lack its " \
+           "instances, so nothing was changed" in rebuild_stderr[0]
+    assert len(Index(root / layout.INDEX_FILE).dump()["instances"]) == 3  # nothing dropped
 
 
 def test_repair_quarantines_an_unindexed_file_cut_short(tmp_path: Path) -> None:
@@ -329,4 +332,86 @@ def test_repair_quarantines_an_unindexed_file_cut_short(tmp_path: Path) -> None:
     [record] = problems
     assert (record["problem"], record["repair"]) == ("unindexed", "quarantined")
     assert record["repair_reason"].startswith("truncated")
+    assert run_verify(root)[0] == []
+
+
+def test_repair_of_a_share_file_now_holding_another_indexed_instance_drops_its_row(
+        tmp_path: Path) -> None:
+    """It was said 'reindexed' on every run, the row left as it was: index_in_place found
+    the file a duplicate of the other instance's and changed nothing."""
+    share = tmp_path / "share"
+    first, second = (write_instance(share / f"{n}.dcm", number=n) for n in range(2))
+    root = tmp_path / "archive"
+    list(index_files(root, StorageSettings(), [str(share)], in_place=True))
+    first.write_bytes(second.read_bytes() + b"\0\0")  # size differs, still a whole instance
+    repaired, _ = run_verify(root, repair=True)
+    assert [(Path(r["path"]).name, r["repair"]) for r in repaired] == [("0.dcm", "dropped-row")]
+    assert run_verify(root)[0] == []
+
+
+def test_a_share_file_behind_a_link_is_reindexed_like_any_other(tmp_path: Path) -> None:
+    """index --in-place follows a link to a file; repair did not, and dropped its row."""
+    real, share = tmp_path / "real", tmp_path / "share"
+    target = write_instance(real / "a.dcm", number=1)
+    share.mkdir()
+    (share / "a.dcm").symlink_to(target)
+    root = tmp_path / "archive"
+    [record] = index_files(root, StorageSettings(), [str(share)], in_place=True)
+    assert record["outcome"] == "indexed"
+    ds = pydicom.dcmread(target)
+    ds.PatientName = "Changed^Name"
+    ds.save_as(target, enforce_file_format=True)
+    repaired, _ = run_verify(root, repair=True)
+    assert [r["repair"] for r in repaired] == ["reindexed"]
+    assert run_verify(root)[0] == []
+
+
+def test_a_live_staging_folder_named_with_our_own_pid_is_another_writer(tmp_path: Path) -> None:
+    """Processes in two PID namespaces may have one PID: verify took a live folder whose
+    name began with its own PID for its own, saw no writer, and called a file in flight
+    unindexed."""
+    import fcntl
+
+    from pacscli.archive.staging import OWNER_LOCK
+
+    root, _ = make_archive(tmp_path, count=1)
+    other = root / layout.STAGING_DIR / f"{os.getpid()}-feedbeef"
+    other.mkdir()
+    lock = os.open(other / OWNER_LOCK, os.O_RDONLY | os.O_CREAT)
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        write_instance(root / layout.STUDIES_DIR / "aa" / "bb" / "placed.dcm")
+        problems, summary = run_verify(root)
+        assert problems == [] and summary["in_flight"] == 1
+    finally:
+        os.close(lock)
+
+
+def test_a_link_in_staging_is_moved_itself_never_followed(tmp_path: Path) -> None:
+    """--repair followed a link in .staging/ and moved every file it pointed at into the
+    quarantine, emptying folders outside the archive."""
+    root, _ = make_archive(tmp_path, count=1)
+    outside = tmp_path / "outside"
+    (outside / "sub").mkdir(parents=True)
+    (outside / "sub" / "keep.txt").write_text("mine")
+    link = root / layout.STAGING_DIR / "evil"
+    link.symlink_to(outside)
+    problems, _ = run_verify(root, repair=True)
+    assert [(r["problem"], r["path"], r["repair"]) for r in problems] == [
+        ("leftover-temp", str(link), "quarantined")]
+    assert (outside / "sub" / "keep.txt").read_text() == "mine"
+
+
+def test_a_rebuild_keeps_archived_instances_whatever_their_sop_class(tmp_path: Path) -> None:
+    """serve and index refuse a SOP Class UID that is not a UID, but files of earlier
+    versions hold such instances: a rebuild dropped them from the index (and repair then
+    quarantined them)."""
+    root, _ = make_archive(tmp_path, count=1)
+    ds = pydicom.dcmread(write_instance(tmp_path / "x.dcm", number=5))
+    ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.2."
+    placed = root / layout.STUDIES_DIR / "aa" / "bb" / "old.dcm"
+    placed.parent.mkdir(parents=True)
+    ds.save_as(placed, enforce_file_format=True)
+    records = list(rebuild_index(root, StorageSettings()))
+    assert [r["outcome"] for r in records] == ["indexed", "indexed"]
     assert run_verify(root)[0] == []
