@@ -341,15 +341,12 @@ def levels_of(model: str, level: str) -> list[str]:
     return list(LEVELS[top:LEVELS.index(level) + 1])
 
 
-def _single_value(elem: DataElement) -> bool:
-    text = value_text(elem.value)
-    return text is not None and not any(c in text for c in "\\*?")
-
-
-def needs_relational(query: Query) -> bool:
-    """Does the query match on a key of a level above its own, other than that level's
-    unique key given as one value? A hierarchical query may not (PS3.4 C.4.1.2.1): only a
-    peer that agrees to relational queries (C.4.1.2.2) honours such a key."""
+def relational_levels(query: Query) -> list[str]:
+    """The levels above the query's own whose keys the query matches on, other than their
+    unique keys (one UID, or a list of them). A hierarchical query may not match on such
+    keys (PS3.4 C.4.1.2.1): only a peer that agrees to relational queries (C.4.1.2.2)
+    honours them. Empty when the query is hierarchical."""
+    found = []
     for elem in query.identifier:
         keyword = elem.keyword or ""
         owner = level_of(keyword, query.model)
@@ -360,9 +357,16 @@ def needs_relational(query: Query) -> bool:
             matching = bool(elem.value) and has_matching_keys(elem.value[0])
         else:
             matching = not is_universal(elem.value, elem.VR)
-        if matching and not (keyword == UNIQUE_KEYS[owner] and _single_value(elem)):
-            return True
-    return False
+        # Unique keys given as UIDs are what hierarchical peers match on (lists included,
+        # which dcmqrscp and the like take): a walk for them cost a C-FIND per parent.
+        if matching and not (keyword == UNIQUE_KEYS[owner] and _uid_values(elem)):
+            found.append(owner)
+    return sorted(set(found), key=LEVELS.index)
+
+
+def _uid_values(elem: DataElement) -> bool:
+    text = value_text(elem.value)
+    return text is not None and not any(c in text for c in "*?")
 
 
 def level_identifier(query: Query, level: str, parent: Mapping[str, Any]) -> Dataset:
@@ -372,8 +376,6 @@ def level_identifier(query: Query, level: str, parent: Mapping[str, Any]) -> Dat
     and the level's own unique key."""
     ds = Dataset()
     ds.QueryRetrieveLevel = level
-    if "SpecificCharacterSet" in query.identifier:
-        ds.SpecificCharacterSet = query.identifier.SpecificCharacterSet
     for elem in query.identifier:
         keyword = elem.keyword or ""
         if keyword in ("QueryRetrieveLevel", "SpecificCharacterSet"):
@@ -384,6 +386,10 @@ def level_identifier(query: Query, level: str, parent: Mapping[str, Any]) -> Dat
         set_key(ds, [tag_of(UNIQUE_KEYS[upper])], record_text(parent, UNIQUE_KEYS[upper]) or "")
     if UNIQUE_KEYS[level] not in ds:
         set_key(ds, [tag_of(UNIQUE_KEYS[level])], "")
+    if "SpecificCharacterSet" in query.identifier:
+        ds.SpecificCharacterSet = query.identifier.SpecificCharacterSet
+    elif not _all_text(ds).isascii():  # a parent's value ("MÜ3") must say its encoding
+        ds.SpecificCharacterSet = "ISO_IR 192"
     return ds
 
 

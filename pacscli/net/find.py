@@ -25,8 +25,9 @@ from pacscli.dicom.query import (
     identifier_record,
     level_identifier,
     levels_of,
-    needs_relational,
     record_text,
+    relational_levels,
+    value_text,
 )
 from pacscli.errors import NetworkError, PacsError, UsageError
 from pacscli.net.ae import Watch, abort, associate, make_ae, release, requestor_tls
@@ -71,7 +72,8 @@ def find(settings: Settings, remote: Remote, query: Query, *, limit: int | None 
     if limit is not None and limit < 1:
         raise UsageError(f"--limit must be 1 or more, not {limit}")
     sop_class = QR_MODELS[query.model]["find"]
-    relational = needs_relational(query)
+    upper = relational_levels(query)
+    relational = bool(upper)
     ext_neg = ([find_negotiation(sop_class, relational=relational, fuzzy=case_insensitive_names)]
                if relational or case_insensitive_names else None)
     ae = make_ae(settings)
@@ -93,7 +95,7 @@ def find(settings: Settings, remote: Remote, query: Query, *, limit: int | None 
     try:
         if relational and not _agreed(agreed, 0):
             log.info("%s did not agree to relational queries: querying level by level", remote)
-            yield from search.walk(query)
+            yield from search.walk(query, upper[0])
         else:
             for found in search.responses(query.identifier):
                 yield identifier_record(found, query.order)
@@ -155,16 +157,26 @@ class _Search:
                 return
             raise failure(status, "C-FIND", remote, code="find-failed")
 
-    def walk(self, query: Query, depth: int = 0, parent: Record | None = None) -> Iterator[Record]:
-        """The records of `query` asked level by level, from the model's top level down,
-        each with the values its parents gave for the keys of their levels."""
+    def walk(self, query: Query, start: str) -> Iterator[Record]:
+        """The records of `query` asked level by level, from `start` (the highest level it
+        matches on) down, each with the values its parents gave for their levels' keys. The
+        levels above `start` are left to the unique keys the query gives them, if any."""
         levels = levels_of(query.model, query.level)
-        level = levels[depth]
-        identifier = level_identifier(query, level, parent or {})
+        given: Record = {}
+        for above in levels[:levels.index(start)]:
+            key = UNIQUE_KEYS[above]
+            text = value_text(query.identifier[key].value) if key in query.identifier else None
+            if text:
+                given[key] = text
+        yield from self._walk(query, levels[levels.index(start):], given)
+
+    def _walk(self, query: Query, levels: list[str], parent: Record) -> Iterator[Record]:
+        level = levels[0]
+        identifier = level_identifier(query, level, parent)
         if level == query.level:
             for found in self.responses(identifier):
                 record = identifier_record(found, query.order)
-                for key, value in (parent or {}).items():
+                for key, value in parent.items():
                     if record.get(key) is None and key in query.order:
                         record[key] = value
                 yield record
@@ -175,10 +187,9 @@ class _Search:
         for found in matches:
             if self.left is not None and self.left <= 0:
                 return
-            child = {**(parent or {}), **{k: v for k, v in found.items() if v is not None}}
+            child = {**parent, **{k: v for k, v in found.items() if v is not None}}
             if record_text(child, UNIQUE_KEYS[level]) is None:
                 log.warning("%s returned a %s without its %s: its %s are not queried",
-                            self.remote, level.lower(), UNIQUE_KEYS[level],
-                            levels[depth + 1].lower())
+                            self.remote, level.lower(), UNIQUE_KEYS[level], levels[1].lower())
                 continue
-            yield from self.walk(query, depth + 1, child)
+            yield from self._walk(query, levels[1:], child)
