@@ -54,6 +54,7 @@ log = logging.getLogger(__name__)
 
 A_ASSOCIATE_RQ_TYPE, A_ASSOCIATE_AC_TYPE, A_ASSOCIATE_RJ_TYPE = 0x01, 0x02, 0x03
 P_DATA_TF_TYPE, A_RELEASE_RQ_TYPE, A_RELEASE_RP_TYPE, A_ABORT_TYPE = 0x04, 0x05, 0x06, 0x07
+MIN_RATE = 1024  # bytes/s: the slowest steady sender a PDU's time allows for (8 kbit/s)
 _FOUR_BYTE_PDUS = (A_ASSOCIATE_RJ_TYPE, A_RELEASE_RQ_TYPE, A_RELEASE_RP_TYPE, A_ABORT_TYPE)
 
 MAX_ASSOCIATE_PDU = 1024 * 1024
@@ -269,10 +270,11 @@ class Association:
         # timeout bounds a whole A-ASSOCIATE-RQ, not each read, so a byte every few
         # seconds cannot hold a connection open.
         self.deadline: float | None = None
-        # Once associated: how long one PDU may take to arrive, so a peer trickling bytes
-        # (each read within the network timeout) cannot hold its slot. Checked after each
-        # read, not set on the socket (a system call per read): a PDU is cut at most one
-        # network timeout past its own.
+        # Once associated: how long a PDU may take to arrive, so that a peer trickling bytes
+        # (each read within the network timeout) cannot hold its slot for ever: the network
+        # timeout, plus a second for each MIN_RATE bytes it holds (a slow link's steady
+        # sender is not cut). Checked before each read, not set on the socket (a system
+        # call per read): a PDU is cut at most one network timeout past its own.
         self.pdu_timeout: float | None = None
         self._pdu_deadline: float | None = None
 
@@ -293,7 +295,8 @@ class Association:
                     raise TimeoutError("timed out")
                 self.sock.settimeout(left)
             elif self._pdu_deadline is not None and time.monotonic() > self._pdu_deadline:
-                raise TimeoutError(f"a PDU took over {self.pdu_timeout:g} s to arrive")
+                raise TimeoutError(f"a PDU came slower than {MIN_RATE} bytes/s, past the "
+                                   f"{self.pdu_timeout:g} s network timeout")
             n = self.sock.recv_into(view[got:], size - got)
             if n == 0:
                 raise AssociationClosed("the peer closed the connection")
@@ -464,9 +467,10 @@ class Association:
                 self._pdu_clock(False)
                 if self._pdu_left:  # the PDU that ended the last message holds more PDVs
                     pdu_type, length, self._pdu_left = P_DATA_TF_TYPE, self._pdu_left, 0
-                    self._pdu_clock(True)
+                    self._pdu_clock(True, length)
                 else:
                     pdu_type, length = self._recv_pdu_header(clock=True)
+                    self._pdu_clock(True, length)  # its time, now that its length is known
                 if pdu_type != P_DATA_TF_TYPE:
                     self._recv_exact(length)
                     if pdu_type == A_RELEASE_RQ_TYPE:
@@ -535,9 +539,9 @@ class Association:
         finally:
             self._pdu_clock(False)
 
-    def _pdu_clock(self, running: bool) -> None:
-        """Start (`running`) or stop the time one PDU may take (`pdu_timeout`)."""
-        self._pdu_deadline = (time.monotonic() + self.pdu_timeout
+    def _pdu_clock(self, running: bool, length: int = 0) -> None:
+        """Start (`running`) or stop the time a PDU of `length` bytes may take."""
+        self._pdu_deadline = (time.monotonic() + self.pdu_timeout + length / MIN_RATE
                               if running and self.pdu_timeout is not None else None)
 
     def cancel_requested(self, message_id: int) -> bool:

@@ -26,6 +26,7 @@ from pacscli.dicom.identity import seek_dataset
 from pacscli.net.dimse import C_STORE_RQ, HAS_DATASET, decode_command, encode_command
 from pacscli.net.server import SPILL_THRESHOLD, ReceivedDataset
 from tests.conftest import Server, pacs_cmd, start_server, testdata
+from tests.dicom_files import write_instance
 
 
 def raw_associate(port: int, max_pdu: int = 16384) -> socket.socket:
@@ -320,7 +321,38 @@ def test_a_pdu_trickled_byte_by_byte_is_cut_after_the_network_timeout(tmp_path: 
     finally:
         server.stop()
     assert dropped and waited < 1.5 * 2 + 1, waited  # its own timeout and one read's at most
-    assert "a PDU took over 1.5 s to arrive" in server.stderr()
+    assert "a PDU came slower than 1024 bytes/s, past the 1.5 s network timeout" in \
+        server.stderr()
+
+
+def test_a_slow_but_steady_sender_is_not_cut(tmp_path: Path) -> None:
+    """A PDU of 64 KiB sent at 16 KiB/s takes 4 s, over a network timeout of 1.5 s: the
+    first version of the PDU deadline cut it (a slow link's sender, filling our maximum
+    PDU, was aborted after the network timeout). A PDU now has a second per KiB more."""
+    config = tmp_path / "serve" / "config.toml"
+    config.parent.mkdir(parents=True)
+    config.write_text("[network]\nnetwork_timeout = 1.5\n")
+    source = write_instance(tmp_path / "slow.dcm", rows=180)  # 64 KiB of pixel data
+    ds = pydicom.dcmread(source)
+    with open(source, "rb") as fp:
+        seek_dataset(fp)
+        dataset = fp.read()
+    server = start_server(tmp_path / "serve")
+    try:
+        sock = raw_associate(server.port)
+        sock.sendall(p_data(1, 0x03, store_command(str(ds.SOPInstanceUID))))
+        pdu = p_data(1, 0x02, dataset)
+        started = time.monotonic()
+        for at in range(0, len(pdu), 4096):
+            sock.sendall(pdu[at:at + 4096])
+            time.sleep(0.25)
+        pdu_type, _ = read_pdu(sock)
+        sock.close()
+    finally:
+        server.stop()
+    assert time.monotonic() - started > 3
+    assert pdu_type == 0x04  # the C-STORE response
+    assert '"outcome":"stored"' in server.stdout()
 
 
 def test_requests_arriving_together_respect_max_associations(tmp_path: Path) -> None:
