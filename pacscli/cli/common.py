@@ -70,8 +70,10 @@ def setup_logging(verbose: int) -> None:
     # pynetdicom is chatty at INFO; its errors are ours to report in plain words.
     logging.getLogger("pynetdicom").setLevel(logging.DEBUG if verbose >= 2 else logging.CRITICAL)
     # pydicom says each oddity of a file twice (warn_and_log): a log record, then a
-    # UserWarning of the same words with a line of its own source code. The record will do.
-    warnings.filterwarnings("ignore", category=UserWarning, module="pydicom")
+    # UserWarning of the same words with a line of its own source code. The record will do,
+    # but under -v, where all it says is wanted.
+    if verbose == 0:
+        warnings.filterwarnings("ignore", category=UserWarning, module="pydicom")
 
 
 def get_settings(config: Path | None, archive: Path | None, aet: str | None) -> Settings:
