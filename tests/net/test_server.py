@@ -267,10 +267,25 @@ def test_command_fragments_without_end_are_aborted(server: Server) -> None:
     assert _echo_works(server.port)
 
 
+def _trickle(sock: socket.socket, data: bytes, give_up: float = 10.0) -> tuple[bool, float]:
+    """Send `data` a byte every half second until the server answers or closes (dropped),
+    or `give_up` s pass; and the seconds it took."""
+    import select
+
+    started = time.monotonic()
+    for byte in data:
+        if select.select([sock], [], [], 0.5)[0] or time.monotonic() - started > give_up:
+            return True, time.monotonic() - started  # an A-ABORT came, or the connection closed
+        try:
+            sock.sendall(bytes([byte]))
+        except OSError:
+            return True, time.monotonic() - started
+    return False, time.monotonic() - started
+
+
 def test_an_association_request_must_come_within_the_acse_timeout(tmp_path: Path) -> None:
     """[network] acse_timeout bounds the whole A-ASSOCIATE-RQ: a peer sending a byte every
     half second is dropped (it was timed per read, so it could stay for ever)."""
-    import select
 
     config = tmp_path / "serve" / "config.toml"
     config.parent.mkdir(parents=True)
@@ -278,18 +293,8 @@ def test_an_association_request_must_come_within_the_acse_timeout(tmp_path: Path
     server = start_server(tmp_path / "serve")
     try:
         sock = socket.create_connection(("127.0.0.1", server.port), timeout=10)
-        started = time.monotonic()
-        dropped = False
-        for byte in struct.pack(">BBI", 0x01, 0, 300) + b"\x00" * 300:
-            if select.select([sock], [], [], 0.5)[0] or time.monotonic() - started > 8:
-                dropped = sock.recv(16) in (b"",) or True  # closed, or an A-ABORT came
-                break
-            try:
-                sock.sendall(bytes([byte]))
-            except OSError:
-                dropped = True
-                break
-        assert dropped and time.monotonic() - started < 4
+        dropped, waited = _trickle(sock, struct.pack(">BBI", 0x01, 0, 300) + b"\x00" * 300)
+        assert dropped and waited < 4
         sock.close()
     finally:
         server.stop()
@@ -298,27 +303,15 @@ def test_an_association_request_must_come_within_the_acse_timeout(tmp_path: Path
 def test_a_pdu_trickled_byte_by_byte_is_cut_after_the_network_timeout(tmp_path: Path) -> None:
     """Once associated, each read was timed, not each PDU: a P-DATA sent a byte every half
     second held its association (and a slot of max_associations) for as long as it liked.
-    A PDU now has the network timeout, counted from its first byte, to arrive."""
-    import select
-
+    A PDU now has the network timeout, counted from its first byte, to arrive (plus a
+    second per KiB it holds: these few bytes get none)."""
     config = tmp_path / "serve" / "config.toml"
     config.parent.mkdir(parents=True)
     config.write_text("[network]\nnetwork_timeout = 1.5\n")
     server = start_server(tmp_path / "serve")
     try:
         sock = raw_associate(server.port)
-        started = time.monotonic()
-        dropped = False
-        for byte in p_data(1, 0x03, store_command("1.2.3")):
-            if select.select([sock], [], [], 0.5)[0] or time.monotonic() - started > 10:
-                dropped = True  # an A-ABORT came, or the connection closed
-                break
-            try:
-                sock.sendall(bytes([byte]))
-            except OSError:
-                dropped = True
-                break
-        waited = time.monotonic() - started
+        dropped, waited = _trickle(sock, p_data(1, 0x03, store_command("1.2.3")))
         sock.close()
     finally:
         server.stop()
