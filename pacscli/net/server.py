@@ -311,9 +311,15 @@ class Association:
         """Read a PDU header and check the PDU's type and length; return both. With `clock`,
         the PDU's time (`pdu_timeout`) starts with its first byte."""
         if clock:
-            header = self._recv_exact(1)  # however long the association was idle
+            # The clock starts with the first read that brings any of it (however long the
+            # association was idle), in one system call when the header comes whole.
+            header = bytearray(6)
+            got = self.sock.recv_into(header, 6)
+            if got == 0:
+                raise AssociationClosed("the peer closed the connection")
             self._pdu_clock(True)
-            header += self._recv_exact(5)
+            if got < 6:
+                self._recv_into(memoryview(header)[got:])
         else:
             header = self._recv_exact(6)
         pdu_type, length = header[0], struct.unpack_from(">I", header, 2)[0]
