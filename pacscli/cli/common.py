@@ -21,7 +21,7 @@ import time
 import warnings
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import Annotated, Any, NoReturn, TextIO, TypeVar, cast
+from typing import Annotated, Any, NoReturn, TextIO, cast
 
 import typer
 
@@ -57,8 +57,6 @@ DicomJsonOpt = Annotated[bool, typer.Option(
                          "file's dataset without its pixel data; a match's own values)")]
 QuietOpt = Annotated[bool, typer.Option(
     "--quiet", "-q", help="No summary on stderr when all went well (exit 0): quiet in cron")]
-
-T = TypeVar("T")
 
 
 def setup_logging(verbose: int) -> None:
