@@ -309,7 +309,8 @@ class Association:
 
     def _recv_pdu_header(self, *, clock: bool = False) -> tuple[int, int]:
         """Read a PDU header and check the PDU's type and length; return both. With `clock`,
-        the PDU's time (`pdu_timeout`) starts with its first byte."""
+        the PDU's time (`pdu_timeout`) starts with its first byte; the caller restarts it
+        with the PDU's length."""
         if clock:
             # The clock starts with the first read that brings any of it (however long the
             # association was idle), in one system call when the header comes whole.
@@ -317,8 +318,8 @@ class Association:
             got = self.sock.recv_into(header, 6)
             if got == 0:
                 raise AssociationClosed("the peer closed the connection")
-            self._pdu_clock(True)
-            if got < 6:
+            if got < 6:  # the rest of it on the clock (the caller sets it for the body)
+                self._pdu_clock(True)
                 self._recv_into(memoryview(header)[got:])
         else:
             header = self._recv_exact(6)
@@ -470,7 +471,6 @@ class Association:
         dataset: ReceivedDataset | None = None
         try:
             while True:
-                self._pdu_clock(False)
                 if self._pdu_left:  # the PDU that ended the last message holds more PDVs
                     pdu_type, length, self._pdu_left = P_DATA_TF_TYPE, self._pdu_left, 0
                     self._pdu_clock(True, length)
