@@ -31,6 +31,7 @@ from tests.conftest import (
     DCMTK_ENV,
     TESTDATA,
     bad_peer,
+    bound_by_file_modes,
     free_port,
     pacs_cmd,
     require,
@@ -341,11 +342,8 @@ def test_a_file_that_cannot_be_read_is_unreadable_as_index_says(tmp_path: Path) 
     locked = tmp_path / "locked.dcm"
     locked.write_bytes(testdata("explicit_le").read_bytes())
     locked.chmod(0)
-    drop = "-dac_override,-dac_read_search"  # root reads any file: not without these
-    prefix = ["setpriv", f"--bounding-set={drop}", f"--inh-caps={drop}", "--"] \
-        if os.geteuid() == 0 else []
     (tmp_path / "config.toml").write_text("")
-    result = subprocess.run([*prefix, *pacs_cmd("store", f"X@127.0.0.1:{free_port()}",
+    result = subprocess.run([*bound_by_file_modes(), *pacs_cmd("store", f"X@127.0.0.1:{free_port()}",
                                                  str(locked))],
                             capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL,
                             env={**os.environ, "PACS_CONFIG": str(tmp_path / "config.toml")})

@@ -16,7 +16,7 @@ from pacscli.archive import layout
 from pacscli.ops.verify import verify_archive
 from scripts.benchdata import make_ct_series
 from tests.cli.test_index import lines, pacs
-from tests.conftest import DCMTK_ENV, pacs_cmd, require, start_server
+from tests.conftest import DCMTK_ENV, bound_by_file_modes, pacs_cmd, require, start_server
 from tests.dicom_files import archive_contents, dead_pid, write_instance
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
@@ -172,9 +172,7 @@ def test_an_archive_in_a_folder_we_may_not_write_is_read(tmp_path: Path) -> None
     conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
     conn.close()
     archive.chmod(0o555)
-    drop = "-dac_override,-dac_read_search"
-    prefix = ["setpriv", f"--bounding-set={drop}", f"--inh-caps={drop}", "--"] \
-        if os.geteuid() == 0 else []
+    prefix = bound_by_file_modes()
     (tmp_path / "config.toml").write_text("")
     env = {**os.environ, "PACS_CONFIG": str(tmp_path / "config.toml")}
     try:

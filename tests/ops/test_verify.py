@@ -21,6 +21,7 @@ from pacscli.config import StorageSettings
 from pacscli.ops.indexer import index_files, rebuild_index
 from pacscli.ops.verify import exit_code, verify_archive
 from pacscli.records import Record
+from tests.conftest import bound_by_file_modes
 from tests.dicom_files import archive_contents, dead_pid, write_instance
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
@@ -252,13 +253,9 @@ def test_a_repair_keeps_the_row_of_an_instance_received_again_since_the_check(tm
 
 
 def _unlistable(folder: Path) -> list[str]:
-    """A command prefix under which `folder` cannot be listed: chmod 000 stops only a user
-    without CAP_DAC_OVERRIDE, so root runs the command with those capabilities dropped."""
+    """A command prefix under which `folder` cannot be listed."""
     folder.chmod(0)
-    if os.geteuid() != 0:
-        return []
-    drop = "-dac_override,-dac_read_search"
-    return ["setpriv", f"--bounding-set={drop}", f"--inh-caps={drop}", "--"]
+    return bound_by_file_modes()
 
 
 def test_what_is_not_a_file_among_the_instances_is_named_never_opened(tmp_path: Path) -> None:
